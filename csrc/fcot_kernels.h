@@ -1,0 +1,42 @@
+// Host-side API of the CUDA kernels: plain integers and raw pointers only, so that
+// bindings.cpp (the single pybind11 boundary) compiles without CUDA or torch headers.
+#pragma once
+#include <cstdint>
+
+namespace fcot {
+
+// Element types understood by the kernels; the Python side passes these codes.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Geometry shared by the forward and backward of shuffle_merge_norm.
+struct ShuffleMergeNormShape {
+  int64_t tiles;        // leading dimension of x
+  int64_t grid_h;       // ViT patch grid rows
+  int64_t grid_w;       // ViT patch grid columns
+  int64_t channels;     // C, the ViT width
+  int64_t r;            // 1 / scale (pixel-shuffle factor)
+  int64_t merge;        // 1, 2 (1x2 window) or 4 (2x2 window)
+  int64_t stride_t;     // x strides in elements; channel stride must be 1
+  int64_t stride_n;
+};
+
+// Rows of the output: tiles * (grid_h / r) * (grid_w / r) / merge; width r*r*channels.
+int64_t smn_out_rows(const ShuffleMergeNormShape& s);
+int64_t smn_out_width(const ShuffleMergeNormShape& s);
+// Dynamic shared memory the kernels need, in bytes; checked against the device's opt-in max.
+int64_t smn_fwd_smem_bytes(const ShuffleMergeNormShape& s);
+int64_t smn_bwd_smem_bytes(const ShuffleMergeNormShape& s);
+int64_t device_max_smem_optin(int device);
+int current_device();
+
+// out (rows, width) in dtype; mean/rstd (rows,) fp32; weight/bias (width,) fp32.
+void smn_fwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
+             const float* bias, void* out, float* mean, float* rstd, float eps, uintptr_t stream);
+
+// dy (rows, width) contiguous in dtype; dx (tiles, grid_h*grid_w, channels) contiguous, or
+// null to skip it; dweight/dbias partials (blocks, width) fp32, summed by the caller.
+void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
+             const void* dy, const float* mean, const float* rstd, void* dx,
+             float* dweight_partial, float* dbias_partial, int64_t blocks, uintptr_t stream);
+
+}  // namespace fcot

@@ -1,0 +1,20 @@
+"""fcot_kernels: fused kernels for FCoT-VL visual-token compression.
+
+One public function per op; each takes ``backend=`` (see :mod:`fcot_kernels.dispatch`) and
+has a pure-PyTorch reference in :mod:`fcot_kernels.reference`. Importing this package never
+needs a GPU, triton at import time, or the compiled extension.
+"""
+
+from ._alloc import poison_outputs
+from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
+from .ops.shuffle_merge_norm import shuffle_merge_norm
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "backends",
+    "current_backend",
+    "poison_outputs",
+    "shuffle_merge_norm",
+    "use_backend",
+]

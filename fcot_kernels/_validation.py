@@ -1,0 +1,134 @@
+"""Argument checks shared by every op: clear ``TypeError``/``ValueError`` messages that name the
+argument, the value received and what was expected. Kernels assume these checks passed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
+    shape: tuple[int, ...] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given rank, dtype, shape and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_dtype_names(dtypes)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but must be on {device} (the device of x)")
+    return t
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {choices}")
+
+
+def check_positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name}={value} must be > 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ShuffleGeometry:
+    """Shapes of the pixel-shuffle + merge path for ``x`` of shape ``(tiles, grid_h*grid_w, C)``."""
+
+    tiles: int
+    grid_h: int
+    grid_w: int
+    channels: int
+    r: int
+    """Pixel-shuffle factor, ``1 / scale``."""
+    merge: int
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """Merge window (rows, cols) on the shuffled grid: 1x1, 1x2 or 2x2."""
+        return {1: (1, 1), 2: (1, 2), 4: (2, 2)}[self.merge]
+
+    @property
+    def width(self) -> int:
+        """Token width after the pixel shuffle, ``C / scale**2``."""
+        return self.r * self.r * self.channels
+
+    @property
+    def out_grid(self) -> tuple[int, int]:
+        mh, mw = self.window
+        return self.grid_h // self.r // mh, self.grid_w // self.r // mw
+
+    @property
+    def tokens_out(self) -> int:
+        h, w = self.out_grid
+        return h * w
+
+    @property
+    def rows(self) -> int:
+        return self.tiles * self.tokens_out
+
+
+MERGES = (1, 2, 4)
+
+
+def shuffle_geometry(x: torch.Tensor, grid: object, scale: object, merge: object) -> ShuffleGeometry:
+    """Validate ``x``/``grid``/``scale``/``merge`` of a pixel-shuffle + merge op."""
+    check_tensor("x", x, ndim=3)
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
+    ):
+        raise TypeError(f"grid must be a pair of ints (grid_h, grid_w), got {grid!r}")
+    grid_h, grid_w = grid
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"grid={tuple(grid)} must be positive")
+    tiles, tokens, channels = x.shape
+    if grid_h * grid_w != tokens:
+        raise ValueError(
+            f"grid={tuple(grid)} has {grid_h * grid_w} cells but x has {tokens} tokens per tile "
+            f"(x.shape={tuple(x.shape)}); pass the ViT patch grid without the CLS token"
+        )
+    if tiles < 1 or channels < 1:
+        raise ValueError(f"x must have at least one tile and one channel, got shape {tuple(x.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale={scale!r} must be a positive number like 0.5")
+    r = round(1.0 / scale)
+    if r < 1 or abs(r * scale - 1.0) > 1e-9:
+        raise ValueError(
+            f"scale={scale} is not supported: expected 1/r for an integer r >= 1 (0.5, 0.25, 1.0); "
+            "the pixel shuffle downsamples the grid by r and multiplies the channels by r*r"
+        )
+    if grid_h % r or grid_w % r:
+        raise ValueError(f"grid={tuple(grid)} must be divisible by 1/scale={r} in both dimensions")
+    if isinstance(merge, bool) or merge not in MERGES:
+        raise ValueError(f"merge={merge!r} is not supported; expected one of {MERGES}")
+    geom = ShuffleGeometry(tiles, grid_h, grid_w, channels, r, merge)
+    mh, mw = geom.window
+    if (grid_h // r) % mh or (grid_w // r) % mw:
+        raise ValueError(
+            f"merge={merge} needs the shuffled grid ({grid_h // r}, {grid_w // r}) to be divisible "
+            f"by its window ({mh}, {mw}); got grid={tuple(grid)} with scale={scale}"
+        )
+    return geom

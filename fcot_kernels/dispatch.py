@@ -1,0 +1,131 @@
+"""Backend selection shared by every public op.
+
+Each op takes ``backend=None | "auto" | "reference" | "triton" | "cuda"``. ``None`` means the
+process-wide choice: the innermost :func:`use_backend` block, else the ``FCOT_BACKEND``
+environment variable, else ``"auto"``. ``"auto"`` picks the CUDA C++ kernel when the extension
+is built, the tensors are on a GPU and the op has one; else Triton when the tensors are on a
+GPU; else the PyTorch reference. An explicitly requested backend that cannot run raises
+:class:`BackendUnavailableError` with the reason: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import cuda as _cuda
+
+log = logging.getLogger("fcot_kernels")
+
+BACKENDS = ("reference", "triton", "cuda")
+CHOICES = ("auto", *BACKENDS)
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fcot_backend", default=None)
+_logged: set[tuple[str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs on this machine."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    """Whether the backend can run at all in this process (on some device)."""
+    reason: str
+    """Why (not): what was found or what is missing."""
+
+
+def _check_name(name: object, source: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{source}={name!r} is not a backend; expected one of {CHOICES}")
+    return name  # type: ignore[return-value]
+
+
+def current_backend() -> str:
+    """The process-wide backend choice (what ``backend=None`` means right now)."""
+    override = _override.get()
+    if override is not None:
+        return override
+    return _check_name(os.environ.get("FCOT_BACKEND", "auto"), "FCOT_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops in this block with ``backend=name`` unless a call names its own."""
+    token = _override.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if torch.cuda.is_available():
+        return True, f"GPU {torch.cuda.get_device_name()}" + (" (interpreter on)" if triton_interpreter() else "")
+    if triton_interpreter():
+        return True, "no GPU; CPU tensors run under the Triton interpreter (TRITON_INTERPRET=1)"
+    return False, "no GPU, and TRITON_INTERPRET=1 was not set before triton was imported"
+
+
+def _cuda_status() -> tuple[bool, str]:
+    built, reason = _cuda.status()
+    if not built:
+        return False, reason
+    if not torch.cuda.is_available():
+        return False, f"extension {reason}, but torch sees no CUDA device"
+    return True, f"extension {reason}; GPU {torch.cuda.get_device_name()}"
+
+
+def backends() -> dict[str, BackendStatus]:
+    """What each backend can do here and why not: extension built? GPU? interpreter?"""
+    found = {"reference": (True, "pure PyTorch; runs on any device"), "triton": _triton_status(), "cuda": _cuda_status()}
+    return {name: BackendStatus(name, *found[name]) for name in BACKENDS}
+
+
+def resolve(op: str, backend: str | None, x: torch.Tensor, *, has_cuda: bool) -> str:
+    """The backend that runs ``op`` on tensors living on ``x.device``."""
+    name = current_backend() if backend is None else _check_name(backend, "backend")
+    on_gpu = x.device.type == "cuda"
+    if name == "auto":
+        if on_gpu and has_cuda and _cuda.status()[0]:
+            name = "cuda"
+        elif on_gpu and importlib.util.find_spec("triton") is not None:
+            name = "triton"
+        else:
+            name = "reference"
+    elif name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise BackendUnavailableError(f"{op}: backend='triton' requested but triton is not installed")
+        if not on_gpu and not (x.device.type == "cpu" and triton_interpreter()):
+            raise BackendUnavailableError(
+                f"{op}: backend='triton' with tensors on {x.device} needs a CUDA device, or CPU tensors "
+                "with TRITON_INTERPRET=1 set before triton is imported"
+            )
+    elif name == "cuda":
+        if not has_cuda:
+            raise BackendUnavailableError(f"{op}: has no CUDA C++ kernel; use backend='triton' or 'auto'")
+        built, reason = _cuda.status()
+        if not built:
+            raise BackendUnavailableError(f"{op}: backend='cuda' requested but {reason}")
+        if not on_gpu:
+            raise BackendUnavailableError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {x.device}")
+    if (op, name) not in _logged:
+        _logged.add((op, name))
+        log.debug("%s runs on backend %r (device %s)", op, name, x.device)
+    return name
