@@ -1,0 +1,40 @@
+"""InternVL2 shapes (from ../shared/MODELS.md, the published model configs): the only source of
+benchmark shapes, so that every number in bench/results maps to a real model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InternVL2:
+    name: str
+    vit_hidden: int
+    vit_layers: int
+    vit_heads: int
+    proj_in: int
+    """Projector input width, 4 * vit_hidden (pixel shuffle at scale 0.5)."""
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    llm_kv_heads: int
+    vocab: int
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        InternVL2("InternVL2-1B", 1024, 24, 16, 4096, 896, 24, 14, 2, 151_655),
+        InternVL2("InternVL2-2B", 1024, 24, 16, 4096, 2048, 24, 16, 8, 92_553),
+        InternVL2("InternVL2-4B", 1024, 24, 16, 4096, 3072, 32, 32, 32, 32_020),
+        InternVL2("InternVL2-8B", 1024, 24, 16, 4096, 4096, 32, 32, 8, 92_553),
+        InternVL2("InternVL2-26B", 3200, 45, 25, 12800, 6144, 48, 48, 8, 92_553),
+        InternVL2("InternVL2-76B", 3200, 45, 25, 12800, 8192, 80, 64, 8, 128_256),
+    )
+}
+
+TILE_GRID = (32, 32)
+"""ViT patch grid of one 448x448 tile with 14px patches (CLS removed)."""
+TILE_COUNTS = (1, 13, 104)
+"""One tile, one document image (12 tiles + thumbnail), a batch of 8 such images."""
+VIT_WIDTHS = {"InternViT-300M": 1024, "InternViT-6B": 3200}

@@ -1,0 +1,74 @@
+"""Helpers for checking kernels against their references (used by the test suite and CI).
+
+The tolerance rule: fp32 kernels must match the fp32 reference tightly; for fp16/bf16 the
+kernel's error against the fp32 reference must be at most ``factor`` (default 2) times the
+error of plain PyTorch computing the same thing in the same low precision, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._alloc import poison_outputs
+from .dispatch import backends
+
+__all__ = ["TOLERANCES", "assert_close", "assert_matches_reference", "runnable_backends", "poison_outputs"]
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-2, "rtol": 2e-2},
+    torch.bfloat16: {"atol": 8e-2, "rtol": 4e-2},
+}
+"""Absolute/relative tolerance per dtype for a kernel output compared with the reference."""
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None, name: str = "output", scale: float = 1.0) -> None:
+    """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default ``actual.dtype``),
+    multiplied by ``scale``; also fails on any NaN left in ``actual`` (a poisoned, unwritten output)."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    if torch.isnan(actual).any() and not torch.isnan(expected).any():
+        raise AssertionError(f"{name}: NaN in the kernel output (an element was never written?)")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def assert_matches_reference(
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    eager: torch.Tensor | None = None,
+    *,
+    name: str = "output",
+    factor: float = 2.0,
+) -> None:
+    """Compare a kernel result with the fp32 reference ``exact``.
+
+    For fp32 ``actual`` this is :func:`assert_close`. For fp16/bf16, ``eager`` is the same
+    computation done by plain PyTorch in that dtype; the kernel's max error must be at most
+    ``factor`` times eager's max error (plus a floor of one ulp of the output's scale).
+    """
+    if torch.isnan(actual).any():
+        raise AssertionError(f"{name}: NaN in the kernel output (an element was never written?)")
+    if actual.dtype == torch.float32 or eager is None:
+        assert_close(actual, exact, dtype=actual.dtype, name=name)
+        return
+    err = (actual.float() - exact.float()).abs().max().item()
+    eager_err = (eager.float() - exact.float()).abs().max().item()
+    ulp = torch.finfo(actual.dtype).eps * max(exact.float().abs().max().item(), 1e-6)
+    if err > factor * eager_err + ulp:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} vs the fp32 reference exceeds {factor}x eager "
+            f"{actual.dtype} error {eager_err:.3e} (+ ulp {ulp:.3e})"
+        )
+
+
+def runnable_backends(device: torch.device | str, *, has_cuda: bool = True) -> list[str]:
+    """The kernel backends (not the reference) that can run on ``device`` in this process."""
+    device = torch.device(device)
+    status = backends()
+    names = []
+    if status["triton"].available:
+        names.append("triton")
+    if has_cuda and status["cuda"].available and device.type == "cuda":
+        names.append("cuda")
+    return names
