@@ -65,9 +65,15 @@ def _fld_fwd(
         compute_dx=compute_dx, compute_dw=compute_dw, compute_db=compute_db,
     )
     # Custom ops return tensors, not None: an unrequested gradient is an empty placeholder.
-    empty = student_hidden.new_empty(0)
-    return loss, (dx if dx is not None else empty), (dw if dw is not None else empty.float()), (
-        db if db is not None else empty.float()
+    # Each placeholder is its own tensor: custom-op outputs must not alias one another.
+    def empty(dtype):
+        return student_hidden.new_empty(0, dtype=dtype)
+
+    return (
+        loss,
+        dx if dx is not None else empty(student_hidden.dtype),
+        dw if dw is not None else empty(torch.float32),
+        db if db is not None else empty(torch.float32),
     )
 
 
