@@ -97,14 +97,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dloss, _ddx, _ddw, _ddb):
     dx, dw, db = ctx.saved_tensors
     need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    x_dtype, w_dtype, b_dtype = ctx.dtypes
-    # The gradients were finished in the forward; the chain rule only scales them.
+    _, w_dtype, b_dtype = ctx.dtypes
+    # The gradients were finished in the forward; the chain rule only scales them. Each is
+    # computed in fp32 and rounded once into its output dtype, with no fp32 temporary.
     g = dloss.float()
     return (
-        (dx.float() * g).to(x_dtype) if need_x else None,
+        dx * g if need_x else None,
         None,
-        (dw * g).to(w_dtype) if need_w else None,
-        (db * g).to(b_dtype) if need_b else None,
+        torch.mul(dw, g, out=torch.empty_like(dw, dtype=w_dtype)) if need_w else None,
+        torch.mul(db, g, out=torch.empty_like(db, dtype=b_dtype)) if need_b else None,
         *([None] * 15),
     )
 
@@ -214,8 +215,8 @@ def fused_linear_distill(
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``; ``beta`` in ``[0, 1]`` for JSD.
         reduction: ``"mean"`` or ``"sum"``.
         chunk_size: tokens per chunk (default: the largest power of two with
-            ``chunk * V <= 2**27``). Peak extra memory is about ``2 * chunk * V`` logits in the
-            input dtype plus fp32 ``V * H`` (trainable head); see docs/kernels.md.
+            ``chunk * V <= 2**28``). Peak extra memory is about ``2 * chunk * V`` logits in the
+            input dtype plus an fp32 ``V * H`` accumulator (trainable head); see docs/kernels.md.
         backend: ``None`` (process default), ``"auto"``, ``"reference"`` or ``"triton"`` (no
             CUDA C++ kernel); see :mod:`fcot_kernels.dispatch`. ``"auto"`` on a CPU runs the
             reference, which does materialise the logits.
