@@ -149,7 +149,9 @@ def _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teac
             check_tensor("teacher_bias", teacher_bias, shape=(v,))
             check_same("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
     if labels is not None:
-        check_tensor("labels", labels, shape=(n,), dtypes=LABEL_DTYPES, device=student_hidden.device)
+        check_tensor("labels", labels, shape=(n,), dtypes=LABEL_DTYPES)
+        if labels.device != student_hidden.device:
+            raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])

@@ -66,7 +66,7 @@ def fused_linear_distill_ref(
     counted = torch.ones(n, dtype=torch.bool, device=z_s.device) if labels is None else labels != ignore_index
     div = torch.where(counted, div, torch.zeros_like(div))
     if ce_weight != 0:
-        ce = F.cross_entropy(z_s, labels, ignore_index=ignore_index, reduction="none")
+        ce = F.cross_entropy(z_s, labels.long(), ignore_index=ignore_index, reduction="none")
     else:
         ce = torch.zeros_like(div)
     if reduction == "mean":

@@ -63,6 +63,17 @@ def fp32_copy(*tensors):
     return [None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in tensors]
 
 
+def check_loss(loss, exact_loss, eager_loss, dtype):
+    """The loss is fp32 whatever the inputs: judge it by the input dtype's rule (tight for fp32,
+    at most 2x eager's error plus an ulp for fp16/bf16)."""
+    if dtype == torch.float32:
+        assert_close(loss, exact_loss, name="loss")
+        return
+    err, eager_err = (loss - exact_loss).abs().item(), (eager_loss - exact_loss).abs().item()
+    ulp = torch.finfo(dtype).eps * max(exact_loss.abs().item(), 1e-6)
+    assert err <= 2 * eager_err + ulp, f"loss: error {err:.3e} > 2x eager {dtype} error {eager_err:.3e} + {ulp:.3e}"
+
+
 def check_against_reference(backend, chunk, xs, xt, w, b, *, names=("student_hidden", "weight", "bias"), **kw):
     """fp32: tight against the fp32 reference; fp16/bf16: at most 2x the error of eager
     PyTorch in the same dtype (both against the reference on fp32 copies of the inputs)."""
@@ -72,13 +83,7 @@ def check_against_reference(backend, chunk, xs, xt, w, b, *, names=("student_hid
     if xs.dtype != torch.float32:
         eager_loss, eager_grads = loss_and_grads(fused_linear_distill_ref, xs, xt, w, b, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    if eager_loss is None:
-        assert_close(loss, exact_loss, name="loss")
-    else:
-        # The loss is fp32 whatever the inputs: judge it by the input dtype's eager-error rule.
-        err, eager_err = (loss - exact_loss).abs().item(), (eager_loss - exact_loss).abs().item()
-        ulp = torch.finfo(xs.dtype).eps * max(exact_loss.abs().item(), 1e-6)
-        assert err <= 2 * eager_err + ulp, f"loss: error {err:.3e} > 2x eager {xs.dtype} error {eager_err:.3e} + {ulp:.3e}"
+    check_loss(loss, exact_loss, eager_loss, xs.dtype)
     for name, g, ge, gx, t in zip(names, grads, exact_grads, eager_grads, (xs, w, b)):
         if t is None or not t.requires_grad:
             assert g is None
@@ -111,7 +116,7 @@ def test_matches_reference(backend, dtype, div, temperature, beta):
 
 @needs_triton
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("div", ["forward_kl", "jsd"])
 def test_frozen_head_and_separate_teacher_head(backend, dtype, div):
     """A frozen head gives only d(student_hidden); the teacher has its own head and width."""
@@ -182,8 +187,10 @@ def test_real_vocab_sizes(backend, v):
 @needs_triton
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_forward_and_default_chunk(backend):
-    """Under no_grad no gradient is computed and the loss is the same; default chunk size."""
+    """Under no_grad no gradient is computed and the loss is the same; default chunk size;
+    int32 labels."""
     xs, xt, w, b, labels = make_inputs(40, 16, 300, torch.float32)
+    labels = labels.int()
     kw = dict(labels=labels, divergence="reverse_kl", ce_weight=0.4)
     with torch.no_grad(), fk.poison_outputs():
         loss = fk.fused_linear_distill(xs, xt, w, b, backend=backend, **kw)
@@ -255,6 +262,31 @@ def test_never_allocates_full_logits(backend):
     with _RecordNumel() as ref_rec:
         loss_and_grads(fused_linear_distill_ref, xs, xt, w, b, **kw)
     assert ref_rec.largest[0] >= n * v, "the recorder missed the reference's full logits"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="measures CUDA peak memory, which only a GPU run has")
+@pytest.mark.parametrize("v", [92553, 151655])
+def test_gpu_peak_memory_follows_the_formula(v):
+    """On a GPU at a moderate size: the loss and gradients match the reference, and the peak
+    memory of forward + backward stays within the documented formula, far below one (N, V)."""
+    n, h, chunk, b = 4096, 256, 256, 2
+    xs, xt, w, bias, labels = make_inputs(n, h, v, torch.bfloat16)
+    kw = dict(labels=labels, divergence="jsd", ce_weight=1.0, temperature=2.0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, grads = loss_and_grads(kernel("triton", chunk), xs, xt, w, bias, **kw)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    formula = 2 * chunk * v * b + n * h * b + 4 * v * h + 4 * v + min(v, 16384) * h * b + 4 * n
+    # Slack for the returned gradients in the weight dtype and cuBLAS workspaces.
+    assert peak <= 1.2 * formula + v * h * b + (32 << 20), f"peak {peak / 2**20:.0f} MiB vs formula {formula / 2**20:.0f} MiB"
+    assert peak < n * v * b / 4, f"peak {peak / 2**20:.0f} MiB is not far below one (N, V) bf16 tensor"
+    exact_loss, exact_grads = loss_and_grads(fused_linear_distill_ref, *fp32_copy(xs, xt, w, bias), upcast=True, **kw)
+    eager_loss, eager_grads = loss_and_grads(fused_linear_distill_ref, xs, xt, w, bias, **kw)
+    check_loss(loss, exact_loss, eager_loss, torch.bfloat16)
+    for name, g, ge, gx in zip(("dstudent_hidden", "dweight", "dbias"), grads, exact_grads, eager_grads):
+        assert_matches_reference(g, ge, gx, name=name)
 
 
 @needs_triton
