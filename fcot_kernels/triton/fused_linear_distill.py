@@ -244,7 +244,8 @@ def _accumulate_dw(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, block: 
         return
     for v0 in range(0, acc.shape[0], block):
         # cuBLAS accumulates each product in fp32; summing the chunks in fp32 keeps that precision.
-        acc[v0:v0 + block] += torch.mm(dz[:, v0:v0 + block].t(), x).float()
+        # add_ upcasts on the fly, so the only temporary is the low-precision product.
+        acc[v0:v0 + block].add_(torch.mm(dz[:, v0:v0 + block].t(), x))
 
 
 DW_BLOCK = 16384
