@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
 
@@ -134,8 +134,7 @@ def shuffle_merge_norm(
     backward returns gradients for ``x``, ``weight`` and ``bias`` (each only when required;
     a frozen ``x`` skips writing ``dx``).
     """
-    geom = shuffle_geometry(x, grid, scale, merge)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    geom = shuffle_geometry(x, grid, scale, merge)  # also checks x's rank and dtype
     check_tensor("weight", weight, shape=(geom.width,), device=x.device)
     check_tensor("bias", bias, shape=(geom.width,), device=x.device)
     eps = check_positive_float("eps", eps)
