@@ -94,3 +94,13 @@ def test_the_chosen_backend_is_logged_once(caplog, monkeypatch):
             dispatch.resolve("logged_op", "reference", x, has_cuda=True)
     lines = [r.getMessage() for r in caplog.records if "logged_op" in r.getMessage()]
     assert lines == ["logged_op runs on backend 'reference' (device cpu)"]
+
+
+def test_inputs_the_cuda_kernel_cannot_take_raise_for_cuda_and_skip_it_for_auto():
+    x = torch.randn(1, 16, 4)
+    with pytest.raises(fk.BackendUnavailableError, match="cannot run these inputs: too wide"):
+        dispatch.resolve("op", "cuda", x, has_cuda=True, cuda_unfit="too wide")
+    assert dispatch.resolve("op", "auto", x, has_cuda=True, cuda_unfit="too wide") == "reference"
+    x = torch.randn(1, 16, 4096)  # width 16384 > the CUDA kernel's shared-memory bound
+    with pytest.raises(fk.BackendUnavailableError, match="row width C/scale..2=16384"):
+        fk.shuffle_merge_norm(x, grid=(4, 4), weight=torch.ones(16384), bias=torch.zeros(16384), backend="cuda")

@@ -44,6 +44,8 @@ def _smn_args(**change):
         (dict(tiles=0), "sizes must be positive"),
         (dict(x=0), "x is a null pointer"),
         (dict(eps=0.0), "eps=0 must be > 0"),
+        (dict(eps=1e-50), "must be > 0 in fp32"),
+        (dict(channels=1 << 62), "exceed the kernel's limits"),
     ],
 )
 def test_bindings_validate_before_touching_the_gpu(change, match):

@@ -129,6 +129,22 @@ def test_non_contiguous_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_parameters(backend):
+    x, _, _ = _inputs(2, (8, 8), 24, 0.5, torch.float32)
+    w = torch.randn(2 * 96, device=DEVICE)[::2].requires_grad_()
+    b = torch.randn(96, 3, device=DEVICE)[:, 1].requires_grad_()
+    assert not w.is_contiguous() and not b.is_contiguous()
+    kw = dict(grid=(8, 8), weight=w, bias=b, merge=2)
+    out = fk.shuffle_merge_norm(x, backend=backend, **kw)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), dy)
+    ref = shuffle_merge_norm_ref(x, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for g, e in zip(got, torch.autograd.grad(ref, (x, w, b), dy)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_input_gives_only_parameter_grads(backend):
     x, w, b = _inputs(3, (8, 8), 24, 0.5, torch.float32)
     x.requires_grad_(False)
