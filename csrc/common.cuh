@@ -52,7 +52,8 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = from_f32<T>(in[i]);
   if constexpr (sizeof(pk) == 16) {
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pk);
+    // Streaming store: outputs here are far larger than L2 and are not re-read by this kernel.
+    __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&pk));
   } else {
     *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
   }
