@@ -8,12 +8,14 @@ needs a GPU, triton at import time, or the compiled extension.
 from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.merged_attention import merged_attention
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "backends",
     "current_backend",
+    "merged_attention",
     "poison_outputs",
     "shuffle_merge_norm",
     "use_backend",
