@@ -38,3 +38,7 @@ TILE_GRID = (32, 32)
 TILE_COUNTS = (1, 13, 104)
 """One tile, one document image (12 tiles + thumbnail), a batch of 8 such images."""
 VIT_WIDTHS = {"InternViT-300M": 1024, "InternViT-6B": 3200}
+PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+"""LLM prefill lengths (tokens the LLM attends over, text plus visual tokens)."""
+IMAGE_MERGE_RATIOS = (0.5, 0.75)
+"""Fractions of the visual tokens merged away (FCoT-VL's 50 % and 75 %)."""
