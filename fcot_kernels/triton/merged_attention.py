@@ -49,11 +49,14 @@ def _seq(
 ):
     # (packed row of the sequence's first token, its offset along the tensor's token axis, length).
     if VARLEN:
-        start = tl.load(cu_ptr + b)
-        end = tl.load(cu_ptr + b + 1)
-        return start, start, end - start
+        row0 = tl.load(cu_ptr + b)
+        length = tl.load(cu_ptr + b + 1) - row0
+        offset = row0
     else:
-        return b * seqlen, b * 0, seqlen + b * 0
+        row0 = b * seqlen
+        length = seqlen + b * 0
+        offset = b * 0
+    return row0, offset, length
 
 
 @triton.jit
@@ -448,20 +451,26 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _config(kind: str, geom: AttnGeometry) -> dict:
-    """Block sizes per kernel. Under the interpreter: 16 (the smallest tl.dot tile), so tiny test
-    shapes still cover several blocks and the masked tails."""
+def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
+    """Block sizes per kernel (not tuned on a GPU yet: see docs/kernels.md). Under the
+    interpreter: 16 (the smallest tl.dot tile), so tiny test shapes still cover several blocks
+    and the masked tails."""
     if triton_interpreter():
         return dict(BLOCK_N=16) if kind == "importance" else dict(BLOCK_M=16, BLOCK_N=16)
+    if kind == "importance":
+        return dict(BLOCK_N=64, num_warps=8, num_stages=2)
+    if dtype == torch.float32:
+        # fp32 runs for tests only: small tiles keep 4-byte operands within shared memory.
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    # Chosen so that sm_90 compiles without register spills (checked with cuobjdump -res-usage).
     wide = _block_d(geom.head_dim) > 64
     if kind == "fwd":
         # 128 query rows amortise each K/V block; 64 keys keep the p tile in registers.
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2 if wide else 3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if wide else 3)
     if kind == "dkdv":
-        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=64 if wide else 128, num_warps=8 if wide else 4, num_stages=2)
-    if kind == "dq":
-        return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=2)  # importance
+        # dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32) live in registers for the whole loop.
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
 
 
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -505,7 +514,7 @@ def forward(
     q, k, v, bias, has_bias, cu_q, cu_k, stride_bias_b = _common(q, k, v, bias, cu_q, cu_k, geom)
     out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc.empty((geom.heads_q, geom.total_q), dtype=torch.float32, device=q.device)
-    cfg = _config("fwd", geom)
+    cfg = _config("fwd", geom, q.dtype)
     grid = (triton.cdiv(geom.seqlen_q, cfg["BLOCK_M"]), geom.batch * geom.heads_q)
     _fwd_kernel[grid](
         q, k, v, bias, out, lse, cu_q, cu_k,
@@ -554,14 +563,14 @@ def backward(
              if bias_grad else torch.empty(1, dtype=torch.float32, device=q.device))
     flags = dict(HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=precision, BLOCK_D=block_d)
     qs, ks, vs, dos = (_strides(t, geom.varlen) for t in (q, k, v, do))
-    cfg = _config("dkdv", geom)
+    cfg = _config("dkdv", geom, q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch * geom.heads_kv)](
         q, k, v, bias, do, lse, delta, dk, dv, dbias, cu_q, cu_k,
         *qs, *ks, *vs, *dos, *_strides(dk, geom.varlen), stride_bias_b,
         geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.total_k, geom.heads_kv, geom.group, geom.head_dim,
         scale, scale * _LOG2E, BIAS_GRAD=bias_grad, **flags, **cfg,
     )
-    cfg = _config("dq", geom)
+    cfg = _config("dq", geom, q.dtype)
     _bwd_dq_kernel[(triton.cdiv(geom.seqlen_q, cfg["BLOCK_M"]), geom.batch * geom.heads_q)](
         q, k, v, bias, do, lse, delta, dq, cu_q, cu_k,
         *qs, *ks, *vs, *dos, stride_bias_b,
@@ -592,7 +601,7 @@ def importance(
     rows = rows.to(torch.int32).contiguous()
     n_rows = rows.shape[1]
     imp = _alloc.empty(geom.bias_shape, dtype=torch.float32, device=q.device)
-    cfg = _config("importance", geom)
+    cfg = _config("importance", geom, q.dtype)
     block_r = 16 if triton_interpreter() else min(64, max(16, triton.next_power_of_2(n_rows)))
     _importance_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch)](
         q, k, bias, lse, rows, imp, cu_q, cu_k,
