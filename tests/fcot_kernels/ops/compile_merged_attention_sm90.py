@@ -63,26 +63,32 @@ def _stack(cubin: bytes) -> str:
 
 def main() -> int:
     failed = 0
-    for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-        for head_dim in (64, 96, 128) if dtype == torch.bfloat16 else (128,):
-            geom = AttnGeometry(1, 32, 8, head_dim, 8192, 8192, False, 8192, 8192)
-            for name, (kernel, kind, extra) in KERNELS.items():
-                cfg = M._config(kind, geom, dtype)
-                opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-                consts = dict(HAS_BIAS=True, CAUSAL=True, VARLEN=False, PRECISION=M._precision(torch.empty(0, dtype=dtype)),
-                              BLOCK_D=M._block_d(head_dim), **extra, **cfg)
-                try:
-                    compiled = triton.compile(ASTSource(kernel, _signature(kernel, ptr, consts), constexprs=consts),
-                                              target=GPUTarget("cuda", 90, 32), options=opts)
-                except Exception as err:  # report every kernel, then fail
-                    print(f"{dtype} d={head_dim} {name}: FAILED {type(err).__name__}: {err}")
-                    failed += 1
-                    continue
-                smem = compiled.metadata.shared
-                ok = smem <= H100_SMEM
-                failed += not ok
-                print(f"{dtype} d={head_dim} {name}: shared {smem / 1024:.0f} KiB, {_stack(compiled.asm['cubin'])}"
-                      + ("" if ok else " EXCEEDS H100 shared memory"))
+    # (dtype, pointer type, head dim, batched causal with bias, or varlen without bias / causal)
+    variants = [(torch.bfloat16, "*bf16", d, False) for d in (64, 96, 128)]
+    variants += [(torch.bfloat16, "*bf16", 128, True), (torch.float32, "*fp32", 128, False)]
+    for dtype, ptr, head_dim, varlen in variants:
+        geom = AttnGeometry(1, 32, 8, head_dim, 8192, 8192, varlen, 8192, 8192)
+        for name, (kernel, kind, extra) in KERNELS.items():
+            cfg = M._config(kind, geom, dtype)
+            opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+            flags = dict(HAS_BIAS=not varlen, CAUSAL=not varlen, VARLEN=varlen,
+                         PRECISION=M._precision(torch.empty(0, dtype=dtype)), BLOCK_D=M._block_d(head_dim))
+            if "BIAS_GRAD" in extra:
+                extra = {**extra, "BIAS_GRAD": not varlen}
+            consts = dict(**flags, **extra, **cfg)
+            try:
+                compiled = triton.compile(ASTSource(kernel, _signature(kernel, ptr, consts), constexprs=consts),
+                                          target=GPUTarget("cuda", 90, 32), options=opts)
+            except Exception as err:  # report every kernel, then fail
+                print(f"{dtype} d={head_dim} varlen={varlen} {name}: FAILED {type(err).__name__}: {err}")
+                failed += 1
+                continue
+            smem = compiled.metadata.shared
+            ok = smem <= H100_SMEM
+            failed += not ok
+            usage = _stack(compiled.asm["cubin"])
+            print(f"{dtype} d={head_dim} varlen={varlen} {name}: shared {smem / 1024:.0f} KiB, {usage}"
+                  + ("" if ok else " EXCEEDS H100 shared memory"))
     return 1 if failed else 0
 
 
