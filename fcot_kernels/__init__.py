@@ -9,6 +9,7 @@ from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
 from .ops.fused_linear_distill import fused_linear_distill
+from .ops.merged_attention import merged_attention
 
 __all__ = [
     "BackendStatus",
@@ -16,6 +17,7 @@ __all__ = [
     "backends",
     "current_backend",
     "fused_linear_distill",
+    "merged_attention",
     "poison_outputs",
     "shuffle_merge_norm",
     "use_backend",
