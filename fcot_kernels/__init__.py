@@ -8,11 +8,13 @@ needs a GPU, triton at import time, or the compiled extension.
 from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.compress_project import compress_project
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "backends",
+    "compress_project",
     "current_backend",
     "poison_outputs",
     "shuffle_merge_norm",
