@@ -369,10 +369,11 @@ def _ln_meta(geom: ShuffleGeometry) -> dict:
 
 def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
     if device.type != "cuda" or triton_interpreter():
-        # Interpreter: big blocks mean fewer interpreted steps; 16 is tl.dot's minimum.
-        bm = min(64, max(16, triton.next_power_of_2(M)))
-        bn = min(64, max(16, triton.next_power_of_2(N)))
-        bk = min(64, max(16, triton.next_power_of_2(K)))
+        # Interpreter: big blocks mean fewer interpreted steps (numpy does the tile math);
+        # 16 is tl.dot's minimum.
+        bm = min(256, max(16, triton.next_power_of_2(M)))
+        bn = min(256, max(16, triton.next_power_of_2(N)))
+        bk = min(256, max(16, triton.next_power_of_2(K)))
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4)
     if M <= 64 or N <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
