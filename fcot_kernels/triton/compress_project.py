@@ -284,7 +284,7 @@ def _gemm_kernel(
     ACT: tl.constexpr,  # 0 none, 1 exact GELU, 2 tanh GELU, applied after the bias
     ACT_GRAD: tl.constexpr,  # multiply by act'(aux) instead (ACT names the activation)
     STORE_PRE: tl.constexpr,
-    IEEE: tl.constexpr,  # fp32 operands: full-precision dot, not TF32
+    DOT_F32: tl.constexpr,  # fp32 dot (IEEE, not TF32): fp32 operands, or the interpreter
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -326,8 +326,10 @@ def _gemm_kernel(
             b_row = rk.to(tl.int64) * stride_bk
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        if DOT_F32:
+            # fp32 operands (or the interpreter, whose bf16/fp16 tl.dot is wrong): full-precision
+            # dot, not TF32.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
     if HAS_BIAS:
@@ -432,7 +434,7 @@ def gemm(
         R=r, MH=mh, MW=mw,
         A_GATHER=gather == "a", B_GATHER=gather == "b", C_SCATTER=scatter,
         HAS_BIAS=bias is not None, ACT=act, ACT_GRAD=act_grad_of is not None, STORE_PRE=pre is not None,
-        IEEE=dtype_src.dtype == torch.float32,
+        DOT_F32=dtype_src.dtype == torch.float32 or triton_interpreter(),
         **cfg,
     )
     return out
