@@ -10,11 +10,13 @@ from .dispatch import BackendUnavailableError, BackendStatus, backends, current_
 from .ops.shuffle_merge_norm import shuffle_merge_norm
 from .ops.fused_linear_distill import fused_linear_distill
 from .ops.merged_attention import merged_attention
+from .ops.compress_project import compress_project
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "backends",
+    "compress_project",
     "current_backend",
     "fused_linear_distill",
     "merged_attention",

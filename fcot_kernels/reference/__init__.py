@@ -7,3 +7,6 @@ from .merged_attention import attention_probs_ref, merged_attention_ref
 __all__ = ["pixel_shuffle_ref", "shuffle_merge_norm_ref", "shuffle_merge_ref"]
 __all__ += ["divergence_ref", "fused_linear_distill_ref"]
 __all__ += ["attention_probs_ref", "merged_attention_ref"]
+from .compress_project import avg_merge_weight, compress_project_ref, merge_tokens_ref
+
+__all__ += ["avg_merge_weight", "compress_project_ref", "merge_tokens_ref"]
