@@ -8,6 +8,7 @@ needs a GPU, triton at import time, or the compiled extension.
 from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.tome_merge import tome_match, tome_merge
 
 __all__ = [
     "BackendStatus",
@@ -16,5 +17,7 @@ __all__ = [
     "current_backend",
     "poison_outputs",
     "shuffle_merge_norm",
+    "tome_match",
+    "tome_merge",
     "use_backend",
 ]

@@ -132,3 +132,13 @@ def shuffle_geometry(x: torch.Tensor, grid: object, scale: object, merge: object
             f"by its window ({mh}, {mw}); got grid={tuple(grid)} with scale={scale}"
         )
     return geom
+
+
+def check_int(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> int:
+    """An ``int`` (not a bool) in ``[low, high]``; the message names the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value} is out of range; expected {bound}{hint}")
+    return value
