@@ -32,7 +32,10 @@ def tome_max_r(tokens: int, protected: int) -> int:
 def inverse_norm_ref(m: torch.Tensor) -> torch.Tensor:
     """``1 / max(|m|, eps)`` over the last dimension, in fp32."""
     m = m.float()
-    return 1.0 / torch.sqrt((m * m).sum(-1)).clamp_min(EPS)
+    # sqrt and the division in fp64, rounded once to fp32: the correctly rounded fp32 results
+    # (what IEEE sqrt/div in the kernels give). torch's fp32 sqrt on CPU is not always.
+    norm = torch.sqrt((m * m).sum(-1).double()).float().clamp_min(EPS)
+    return (1.0 / norm.double()).float()
 
 
 def tome_match_ref(metric: torch.Tensor, *, protected: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +94,11 @@ def tome_merge_ref(
     metric = x if metric is None else metric
     size = torch.ones(batch, tokens, device=x.device) if size is None else size
     size = size.detach().float()
-    score, index = tome_match_ref(metric.detach(), protected=protected)
-    source = tome_plan_ref(score, index, r=r, tokens=tokens, protected=protected)
+    if r == 0:  # nothing merges (and set B may be empty): the identity
+        source = torch.arange(tokens, device=x.device).expand(batch, tokens)
+    else:
+        score, index = tome_match_ref(metric.detach(), protected=protected)
+        source = tome_plan_ref(score, index, r=r, tokens=tokens, protected=protected)
     compute = torch.float32 if upcast else x.dtype
     out_tokens = tokens - r
     summed = torch.zeros(batch, out_tokens, channels, device=x.device, dtype=compute)
