@@ -11,6 +11,7 @@ import torch
 from . import harness
 
 OPS = {"shuffle_merge_norm": "bench.bench_shuffle_merge_norm"}
+OPS["tome_merge"] = "bench.bench_tome_merge"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
