@@ -38,3 +38,6 @@ TILE_GRID = (32, 32)
 TILE_COUNTS = (1, 13, 104)
 """One tile, one document image (12 tiles + thumbnail), a batch of 8 such images."""
 VIT_WIDTHS = {"InternViT-300M": 1024, "InternViT-6B": 3200}
+
+DISTILL_TOKENS = (2048, 8192, 16384, 32768)
+"""Answer tokens in one self-distillation batch (MODELS.md: 2k to 32k)."""

@@ -11,6 +11,7 @@ import torch
 from . import harness
 
 OPS = {"shuffle_merge_norm": "bench.bench_shuffle_merge_norm"}
+OPS["fused_linear_distill"] = "bench.bench_fused_linear_distill"
 OPS["tome_merge"] = "bench.bench_tome_merge"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -18,7 +19,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--op", action="append", choices=sorted(OPS), help="op to benchmark (repeatable; default all)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/latest"), help="folder for <op>.csv / <op>.json")
+    p.add_argument("--out", type=Path, default=Path("bench/results/latest"), help="folder for bench.csv / bench.json (all ops)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--shapes", choices=["cpu", "target", "all"], help="default: all on a GPU, cpu on a CPU")
     p.add_argument("--provider", action="append", help="restrict providers (repeatable)")
@@ -31,14 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device), "matmul_tflops": harness.matmul_tflops(device)}
     print(f"device {device} ({harness.environment(device)['device_name']}): copy {ceilings['copy_gbps']:.1f} GB/s, "
           f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s")
+    all_rows = []
     for op in args.op or sorted(OPS):
         module = importlib.import_module(OPS[op])
         shapes = {"cpu": module.CPU_SHAPES, "target": module.TARGET_SHAPES, "all": list(module.SHAPES)}[which]
         rows = harness.run_cases(op, module, device=device, dtype=dtype, shapes=shapes,
                                  providers=args.provider, modes=args.mode, ceilings=ceilings)
-        csv_path, _ = harness.write_results(rows, args.out, op)
-        print(f"\n== {op} ({dtype}, {device.type}) -> {csv_path}")
-        print(harness.format_table(rows))
+        print(f"\n== {op} ({dtype}, {device.type})")
+        print(harness.format_table(rows), flush=True)
+        all_rows += rows
+        harness.write_results(all_rows, args.out, "bench")  # rewritten after each op: partial runs keep data
+    print(f"\nwrote {args.out / 'bench.csv'} and {args.out / 'bench.json'}")
     return 0
 
 

@@ -39,6 +39,10 @@ fcot::ShuffleMergeNormShape smn_shape(int64_t tiles, int64_t grid_h, int64_t gri
     fail("sizes must be positive, got tiles=", tiles, " grid=(", grid_h, ", ", grid_w,
          ") channels=", channels, " r=", r);
   }
+  if (channels > (int64_t{1} << 24) || r > 64 || grid_h > (int64_t{1} << 16) || grid_w > (int64_t{1} << 16)) {
+    fail("channels=", channels, " r=", r, " grid=(", grid_h, ", ", grid_w,
+         ") exceed the kernel's limits (C <= 2^24, r <= 64, grid sides <= 65536)");
+  }
   if (grid_h % r || grid_w % r) {
     fail("grid (", grid_h, ", ", grid_w, ") is not divisible by the shuffle factor r=", r);
   }
@@ -77,7 +81,7 @@ void shuffle_merge_norm_fwd(int dtype, int64_t tiles, int64_t grid_h, int64_t gr
   require_ptr(out, "out");
   require_ptr(mean, "mean");
   require_ptr(rstd, "rstd");
-  if (!(eps > 0.0)) fail("eps=", eps, " must be > 0");
+  if (!(static_cast<float>(eps) > 0.f)) fail("eps=", eps, " must be > 0 in fp32");
   check_smem(fcot::smn_fwd_smem_bytes(s), "shuffle_merge_norm_fwd", s);
   py::gil_scoped_release release;
   fcot::smn_fwd(dt, s, reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(weight),

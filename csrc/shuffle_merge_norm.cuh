@@ -118,6 +118,8 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
   const int64_t dx_st = static_cast<int64_t>(g.grid_hw) * g.C;
 
   for (int i = threadIdx.x; i < g.width; i += blockDim.x) dw_acc[i] = db_acc[i] = 0.f;
+  // Zeroing and the final write use element-strided slots, the row loop vector-strided ones.
+  __syncthreads();
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const float mu = mean[row], rs = rstd[row];
@@ -165,6 +167,7 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
       }
     }
   }
+  __syncthreads();
   for (int i = threadIdx.x; i < g.width; i += blockDim.x) {
     dw_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = dw_acc[i];
     db_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = db_acc[i];

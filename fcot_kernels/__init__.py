@@ -8,6 +8,7 @@ needs a GPU, triton at import time, or the compiled extension.
 from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.fused_linear_distill import fused_linear_distill
 from .ops.tome_merge import tome_match, tome_merge
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "backends",
     "current_backend",
+    "fused_linear_distill",
     "poison_outputs",
     "shuffle_merge_norm",
     "tome_match",

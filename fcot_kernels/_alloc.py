@@ -1,4 +1,4 @@
-"""Output allocation for every kernel launcher.
+"""Output allocation and the device guard for every kernel launcher.
 
 Launchers allocate through :func:`empty` so that tests can poison outputs (NaN for floats, a
 sentinel for integers) and prove that a kernel writes every element it returns."""
@@ -22,6 +22,12 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _poison = previous
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU current while a kernel launches: Triton and the extension both launch on
+    the current device and stream, which need not be the device of the inputs."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def empty(shape: tuple[int, ...] | list[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

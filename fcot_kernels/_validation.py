@@ -3,6 +3,7 @@ argument, the value received and what was expected. Kernels assume these checks 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -134,7 +135,59 @@ def shuffle_geometry(x: torch.Tensor, grid: object, scale: object, merge: object
     return geom
 
 
-def check_int(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> int:
+def check_real(name: str, value: object, *, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number (not a bool) in ``[low, high]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}={value} must be finite")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}={value} must be in [{lo}, {hi}]")
+    return value
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """A Python int (not a bool), at least ``low`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
+    return value
+
+
+def check_same(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """``t`` has the dtype and device of ``like`` (e.g. a head and the hidden states it multiplies)."""
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; they must match")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; they must match")
+
+
+DEBUG_FINITE_ENV = "FCOT_DEBUG_FINITE"
+"""Set to 1 to make ops check their inputs for NaN/inf (off by default: it costs a sync)."""
+
+
+def debug_finite() -> bool:
+    """Whether the opt-in non-finite input checks are on (``FCOT_DEBUG_FINITE=1``)."""
+    return os.environ.get(DEBUG_FINITE_ENV, "0") not in ("", "0")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise when ``t`` holds NaN or inf, with how many and where the first one is."""
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} has {count} non-finite element(s) (first at index {first}: {t[first].item()}); "
+            f"checked because {DEBUG_FINITE_ENV}=1"
+        )
+
+
+def check_int_range(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> int:
     """An ``int`` (not a bool) in ``[low, high]``; the message names the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")

@@ -98,9 +98,17 @@ def backends() -> dict[str, BackendStatus]:
     return {name: BackendStatus(name, *found[name]) for name in BACKENDS}
 
 
-def resolve(op: str, backend: str | None, x: torch.Tensor, *, has_cuda: bool) -> str:
-    """The backend that runs ``op`` on tensors living on ``x.device``."""
+def resolve(op: str, backend: str | None, x: torch.Tensor, *, has_cuda: bool, cuda_unfit: str | None = None) -> str:
+    """The backend that runs ``op`` on tensors living on ``x.device``.
+
+    ``has_cuda``: the op has a CUDA C++ kernel. ``cuda_unfit``: why that kernel cannot take
+    these particular inputs (then ``auto`` skips it and an explicit ``"cuda"`` raises this reason).
+    """
     name = current_backend() if backend is None else _check_name(backend, "backend")
+    if cuda_unfit is not None:
+        if name == "cuda":
+            raise BackendUnavailableError(f"{op}: backend='cuda' cannot run these inputs: {cuda_unfit}")
+        has_cuda = False
     on_gpu = x.device.type == "cuda"
     if name == "auto":
         if on_gpu and has_cuda and _cuda.status()[0]:

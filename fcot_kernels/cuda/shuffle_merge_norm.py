@@ -29,10 +29,11 @@ def forward(
     out = _alloc.empty((geom.tiles, geom.tokens_out, geom.width), dtype=x.dtype, device=x.device)
     mean = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
     rstd = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    ext.shuffle_merge_norm_fwd(
-        *_shape_args(x, geom), x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
-        mean.data_ptr(), rstd.data_ptr(), eps, stream_handle(x.device),
-    )
+    with _alloc.device_guard(x):
+        ext.shuffle_merge_norm_fwd(
+            *_shape_args(x, geom), x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), eps, stream_handle(x.device),
+        )
     return out, mean, rstd
 
 
@@ -54,9 +55,10 @@ def backward(
     dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dw = _alloc.empty((blocks, geom.width), dtype=torch.float32, device=x.device)
     db = _alloc.empty((blocks, geom.width), dtype=torch.float32, device=x.device)
-    ext.shuffle_merge_norm_bwd(
-        *_shape_args(x, geom), x.data_ptr(), w.data_ptr(), dy.data_ptr(), mean.data_ptr(),
-        rstd.data_ptr(), dx.data_ptr() if dx is not None else 0, dw.data_ptr(), db.data_ptr(),
-        blocks, stream_handle(x.device),
-    )
+    with _alloc.device_guard(x):
+        ext.shuffle_merge_norm_bwd(
+            *_shape_args(x, geom), x.data_ptr(), w.data_ptr(), dy.data_ptr(), mean.data_ptr(),
+            rstd.data_ptr(), dx.data_ptr() if dx is not None else 0, dw.data_ptr(), db.data_ptr(),
+            blocks, stream_handle(x.device),
+        )
     return dx, dw.sum(0), db.sum(0)

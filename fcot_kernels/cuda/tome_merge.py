@@ -21,10 +21,11 @@ def match(metric: torch.Tensor, protected: int, n_a: int, n_b: int, eps: float) 
     batch, tokens, channels = metric.shape
     score = _alloc.empty((batch, n_a), dtype=torch.float32, device=metric.device)
     index = _alloc.empty((batch, n_a), dtype=torch.int64, device=metric.device)
-    ext.tome_match(
-        dtype_code(metric.dtype), batch, tokens, channels, protected, metric.stride(0), metric.stride(1),
-        metric.data_ptr(), score.data_ptr(), index.data_ptr(), eps, stream_handle(metric.device),
-    )
+    with _alloc.device_guard(metric):
+        ext.tome_match(
+            dtype_code(metric.dtype), batch, tokens, channels, protected, metric.stride(0), metric.stride(1),
+            metric.data_ptr(), score.data_ptr(), index.data_ptr(), eps, stream_handle(metric.device),
+        )
     return score, index
 
 
@@ -38,11 +39,12 @@ def merge(
     size, order, offsets = size.contiguous(), order.contiguous(), offsets.contiguous()
     out = _alloc.empty((batch, tokens_out, channels), dtype=x.dtype, device=x.device)
     out_size = _alloc.empty((batch, tokens_out), dtype=torch.float32, device=x.device)
-    ext.tome_merge_fwd(
-        dtype_code(x.dtype), batch, tokens, tokens_out, channels, x.stride(0), x.stride(1),
-        x.data_ptr(), size.data_ptr(), order.data_ptr(), offsets.data_ptr(), out.data_ptr(),
-        out_size.data_ptr(), stream_handle(x.device),
-    )
+    with _alloc.device_guard(x):
+        ext.tome_merge_fwd(
+            dtype_code(x.dtype), batch, tokens, tokens_out, channels, x.stride(0), x.stride(1),
+            x.data_ptr(), size.data_ptr(), order.data_ptr(), offsets.data_ptr(), out.data_ptr(),
+            out_size.data_ptr(), stream_handle(x.device),
+        )
     return out, out_size
 
 
@@ -54,8 +56,9 @@ def unmerge(dy: torch.Tensor, size: torch.Tensor, out_size: torch.Tensor, source
     tokens = source.shape[1]
     size, out_size, source = size.contiguous(), out_size.contiguous(), source.contiguous()
     dx = _alloc.empty((batch, tokens, channels), dtype=dy.dtype, device=dy.device)
-    ext.tome_merge_bwd(
-        dtype_code(dy.dtype), batch, tokens, tokens_out, channels, dy.data_ptr(), size.data_ptr(),
-        out_size.data_ptr(), source.data_ptr(), dx.data_ptr(), stream_handle(dy.device),
-    )
+    with _alloc.device_guard(dy):
+        ext.tome_merge_bwd(
+            dtype_code(dy.dtype), batch, tokens, tokens_out, channels, dy.data_ptr(), size.data_ptr(),
+            out_size.data_ptr(), source.data_ptr(), dx.data_ptr(), stream_handle(dy.device),
+        )
     return dx

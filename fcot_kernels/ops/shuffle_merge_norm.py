@@ -11,9 +11,15 @@ import importlib
 
 import torch
 
-from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
+
+
+# The CUDA backward caches 3 fp32 rows in shared memory; 163 KiB (sm_80's opt-in maximum, below
+# sm_90's 227 KiB) bounds the row width. Checked at forward time so that auto never picks a
+# forward whose backward cannot run.
+CUDA_MAX_WIDTH = (163 * 1024 // 4 - 32) // 3
 
 
 def _impl(backend: str):
@@ -134,12 +140,14 @@ def shuffle_merge_norm(
     backward returns gradients for ``x``, ``weight`` and ``bias`` (each only when required;
     a frozen ``x`` skips writing ``dx``).
     """
-    geom = shuffle_geometry(x, grid, scale, merge)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    geom = shuffle_geometry(x, grid, scale, merge)  # also checks x's rank and dtype
     check_tensor("weight", weight, shape=(geom.width,), device=x.device)
     check_tensor("bias", bias, shape=(geom.width,), device=x.device)
     eps = check_positive_float("eps", eps)
-    name = resolve("shuffle_merge_norm", backend, x, has_cuda=True)
+    unfit = None
+    if geom.width > CUDA_MAX_WIDTH:
+        unfit = f"row width C/scale**2={geom.width} exceeds the CUDA kernel's {CUDA_MAX_WIDTH} (shared memory); use 'triton'"
+    name = resolve("shuffle_merge_norm", backend, x, has_cuda=True, cuda_unfit=unfit)
     if name == "reference":
         return shuffle_merge_norm_ref(x, grid=grid, weight=weight, bias=bias, scale=scale, merge=merge, eps=eps)
     out, _, _ = _smn_fwd(x, weight, bias, geom.grid_h, geom.grid_w, geom.r, geom.merge, eps, name)

@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_int, check_tensor
+from .._validation import FLOAT_DTYPES, check_int_range, check_tensor
 from ..dispatch import resolve
 from ..reference.tome_merge import EPS, tome_match_ref, tome_max_r, tome_merge_ref, tome_split
 
@@ -151,7 +151,7 @@ def tome_match(
     batch, tokens, dim = metric.shape
     if batch < 1 or tokens < 1 or dim < 1:
         raise ValueError(f"metric must have non-empty dimensions, got shape {tuple(metric.shape)}")
-    protected = check_int("protected", protected, low=0, high=tokens, hint=f" (metric has {tokens} tokens)")
+    protected = check_int_range("protected", protected, low=0, high=tokens, hint=f" (metric has {tokens} tokens)")
     if tome_split(tokens, protected)[1] == 0:
         raise ValueError(
             f"tome_match needs at least 2 tokens after the protected ones; got {tokens} tokens with protected={protected}"
@@ -206,9 +206,9 @@ def tome_merge(
     batch, tokens, channels = x.shape
     if batch < 1 or tokens < 1 or channels < 1:
         raise ValueError(f"x must have non-empty dimensions (B, T, C), got shape {tuple(x.shape)}")
-    protected = check_int("protected", protected, low=0, high=tokens, hint=f" (x has {tokens} tokens)")
+    protected = check_int_range("protected", protected, low=0, high=tokens, hint=f" (x has {tokens} tokens)")
     max_r = tome_max_r(tokens, protected)
-    r = check_int(
+    r = check_int_range(
         "r", r, low=0, high=max_r,
         hint=f": one round merges at most |A| = {max_r} of the {tokens - protected} unprotected tokens "
         f"(T={tokens}, protected={protected}); run several rounds to go further",

@@ -120,7 +120,6 @@ def _smn_bwd_kernel(
     mask = (seg < R * R)[:, None] & (c < C)[None, :]
     width = R * R * C
     ch = seg[:, None] * C + c[None, :]
-    w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     db = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program
@@ -138,7 +137,8 @@ def _smn_bwd_kernel(
         dw += dy * xhat
         db += dy
         if COMPUTE_DX:
-            g = dy * w
+            # weight is re-read per row (an L1/L2 hit) rather than held: one row tile fewer live.
+            g = dy * tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
             m1 = tl.sum(tl.sum(g, axis=1), axis=0) / width
             m2 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
             # Every window member receives an equal share of the merged token's gradient.
@@ -165,7 +165,7 @@ def _meta(geom: ShuffleGeometry) -> dict:
 def _num_programs(x: torch.Tensor, rows: int) -> int:
     if x.device.type == "cuda":
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        return max(1, min(rows, 2 * sms))  # ~127 registers/thread at 8 warps: 2 programs per SM
     return max(1, min(rows, 4))  # interpreter: few programs, same code path
 
 
@@ -176,12 +176,13 @@ def forward(
     out = _alloc.empty((geom.tiles, geom.tokens_out, geom.width), dtype=x.dtype, device=x.device)
     mean = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
     rstd = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    _smn_fwd_kernel[(geom.rows,)](
-        x, weight, bias, out, mean, rstd,
-        x.stride(0), x.stride(1), x.stride(2),
-        geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, eps,
-        **_meta(geom),
-    )
+    with _alloc.device_guard(x):
+        _smn_fwd_kernel[(geom.rows,)](
+            x, weight.contiguous(), bias.contiguous(), out, mean, rstd,
+            x.stride(0), x.stride(1), x.stride(2),
+            geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, eps,
+            **_meta(geom),
+        )
     return out, mean, rstd
 
 
@@ -202,11 +203,12 @@ def backward(
     dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dw = _alloc.empty((programs, geom.width), dtype=torch.float32, device=x.device)
     db = _alloc.empty((programs, geom.width), dtype=torch.float32, device=x.device)
-    _smn_bwd_kernel[(programs,)](
-        x, weight, dy, mean, rstd, dx if compute_dx else dy, dw, db,
-        x.stride(0), x.stride(1), x.stride(2),
-        geom.rows, rows_per_program, geom.tokens_out, geom.out_grid[1], geom.grid_w,
-        geom.grid_h * geom.grid_w, geom.channels,
-        COMPUTE_DX=compute_dx, **_meta(geom),
-    )
+    with _alloc.device_guard(x):
+        _smn_bwd_kernel[(programs,)](
+            x, weight.contiguous(), dy, mean, rstd, dx if compute_dx else dy, dw, db,
+            x.stride(0), x.stride(1), x.stride(2),
+            geom.rows, rows_per_program, geom.tokens_out, geom.out_grid[1], geom.grid_w,
+            geom.grid_h * geom.grid_w, geom.channels,
+            COMPUTE_DX=compute_dx, **_meta(geom),
+        )
     return dx, dw.sum(0), db.sum(0)

@@ -163,12 +163,13 @@ def match(metric: torch.Tensor, protected: int, n_a: int, n_b: int, eps: float) 
     index = _alloc.empty((batch, n_a), dtype=torch.int64, device=metric.device)
     meta = _match_meta(metric)
     grid = (triton.cdiv(n_a, meta["BLOCK_A"]), batch)
-    _tome_match_kernel[grid](
-        metric, score, index,
-        metric.stride(0), metric.stride(1), metric.stride(2),
-        protected, n_a, n_b, channels, eps,
-        **meta,
-    )
+    with _alloc.device_guard(metric):
+        _tome_match_kernel[grid](
+            metric, score, index,
+            metric.stride(0), metric.stride(1), metric.stride(2),
+            protected, n_a, n_b, channels, eps,
+            **meta,
+        )
     return score, index
 
 
@@ -186,12 +187,13 @@ def merge(
     out_size = _alloc.empty((batch, tokens_out), dtype=torch.float32, device=x.device)
     block_c = _block_c(x, channels)
     grid = (tokens_out, batch, triton.cdiv(channels, block_c))
-    _tome_merge_kernel[grid](
-        x, size, order, offsets, out, out_size,
-        x.stride(0), x.stride(1), x.stride(2),
-        tokens, tokens_out, channels,
-        BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1,
-    )
+    with _alloc.device_guard(x):
+        _tome_merge_kernel[grid](
+            x, size, order, offsets, out, out_size,
+            x.stride(0), x.stride(1), x.stride(2),
+            tokens, tokens_out, channels,
+            BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1,
+        )
     return out, out_size
 
 
@@ -203,9 +205,10 @@ def unmerge(dy: torch.Tensor, size: torch.Tensor, out_size: torch.Tensor, source
     dx = _alloc.empty((batch, tokens, channels), dtype=dy.dtype, device=dy.device)
     block_c = _block_c(dy, channels)
     grid = (tokens, batch, triton.cdiv(channels, block_c))
-    _tome_unmerge_kernel[grid](
-        dy, size, out_size, source, dx,
-        tokens, tokens_out, channels,
-        BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1,
-    )
+    with _alloc.device_guard(dy):
+        _tome_unmerge_kernel[grid](
+            dy, size, out_size, source, dx,
+            tokens, tokens_out, channels,
+            BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1,
+        )
     return dx

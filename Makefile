@@ -1,0 +1,41 @@
+SHELL := /bin/bash
+# fcot-vl task runner. `make demo` and `make test` create .venv and install everything they need.
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+# torch 2.13.0 resolves to the local CPU wheel on these machines; an unpinned torch pulls several GB.
+DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel
+SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
+
+.PHONY: env install demo test test-fast bench bench-pytest clean
+
+env: $(VENV)/.deps
+$(VENV)/.deps: Makefile
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+# Editable install; builds fcot_kernels._C with nvcc (FCOT_REQUIRE_CUDA=1 makes a failed build fatal).
+install: build/.installed
+build/.installed: $(VENV)/.deps $(SOURCES)
+	mkdir -p build
+	set -o pipefail; $(PIP) install -v --no-deps --no-build-isolation -e . 2>&1 | tee build/install.log \
+		| grep -E '^ *fcot-vl:|Successfully installed' || { tail -40 build/install.log; exit 1; }
+	touch $@
+
+demo: install
+	$(PYTHON) -m fcot demo
+
+test: install
+	$(PYTHON) -m pytest
+
+bench: install
+	$(PYTHON) -m bench.run --out bench/results/latest
+
+bench-pytest: install
+	$(PYTHON) -m pytest bench/ --benchmark-only
+
+clean:
+	rm -rf build $(VENV) *.egg-info fcot_kernels/_C*.so
