@@ -41,3 +41,7 @@ VIT_WIDTHS = {"InternViT-300M": 1024, "InternViT-6B": 3200}
 
 DISTILL_TOKENS = (2048, 8192, 16384, 32768)
 """Answer tokens in one self-distillation batch (MODELS.md: 2k to 32k)."""
+PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+"""LLM prefill lengths (tokens the LLM attends over, text plus visual tokens)."""
+IMAGE_MERGE_RATIOS = (0.5, 0.75)
+"""Fractions of the visual tokens merged away (FCoT-VL's 50 % and 75 %)."""

@@ -12,6 +12,7 @@ from . import harness
 
 OPS = {"shuffle_merge_norm": "bench.bench_shuffle_merge_norm"}
 OPS["fused_linear_distill"] = "bench.bench_fused_linear_distill"
+OPS["merged_attention"] = "bench.bench_merged_attention"
 OPS["tome_merge"] = "bench.bench_tome_merge"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

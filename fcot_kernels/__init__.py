@@ -9,6 +9,7 @@ from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
 from .ops.shuffle_merge_norm import shuffle_merge_norm
 from .ops.fused_linear_distill import fused_linear_distill
+from .ops.merged_attention import merged_attention
 from .ops.tome_merge import tome_match, tome_merge
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "backends",
     "current_backend",
     "fused_linear_distill",
+    "merged_attention",
     "poison_outputs",
     "shuffle_merge_norm",
     "tome_match",

@@ -292,6 +292,7 @@ def test_fuzz_vs_reference(b, t, c, data):
     _check_merge(backend, x, metric, size, r, protected)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_GPU, reason="real tile batches (13x256x4096, 104x1024x1024) take minutes under the Triton interpreter")
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
