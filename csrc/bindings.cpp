@@ -139,7 +139,7 @@ void tome_match(int dtype, int64_t batch, int64_t tokens, int64_t channels, int6
   require_ptr(metric, "metric");
   require_ptr(score, "score");
   require_ptr(index, "index");
-  if (!(eps > 0.0)) fail("tome_match: eps=", eps, " must be > 0");
+  if (!(static_cast<float>(eps) > 0.f)) fail("tome_match: eps=", eps, " must be > 0 in fp32");
   py::gil_scoped_release release;
   fcot::tome_match(dt, {batch, tokens, channels, protected_tokens, stride_b, stride_t},
                    reinterpret_cast<const void*>(metric), reinterpret_cast<float*>(score),

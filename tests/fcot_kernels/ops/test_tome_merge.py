@@ -302,3 +302,46 @@ def test_real_shapes_gpu(backend, shape):
     x = torch.randn(b, t, c, device=DEVICE, dtype=torch.bfloat16)
     metric = _int_metric(b, t, c, torch.bfloat16, -2, 3)
     _check_merge(backend, x, metric, None, t // 2, 0)
+
+
+def _ext():
+    from fcot_kernels import cuda as ext
+
+    built, reason = ext.status()
+    if not built:
+        pytest.skip(f"extension not built: {reason}")
+    return ext.load()
+
+
+@pytest.mark.parametrize(
+    "op, change, match",
+    [
+        ("tome_match", dict(dtype=5), "dtype code 5"),
+        ("tome_match", dict(tokens=0), "tome_match: sizes must be positive"),
+        ("tome_match", dict(protected_tokens=7), r"protected=7 must be in \[0, tokens - 2\] \(tokens=8\)"),
+        ("tome_match", dict(batch=70000), "batch=70000 exceeds the grid's y limit"),
+        ("tome_match", dict(metric=0), "metric is a null pointer"),
+        ("tome_match", dict(eps=1e-50), "must be > 0 in fp32"),
+        ("tome_match", dict(stride_t=-1), "negative strides"),
+        ("tome_merge_fwd", dict(tokens_out=9), r"tokens_out=9 must be in \[1, tokens=8\]"),
+        ("tome_merge_fwd", dict(channels=1 << 40), "exceeds the kernel's int32 indexing"),
+        ("tome_merge_fwd", dict(offsets=0), "offsets is a null pointer"),
+        ("tome_merge_bwd", dict(tokens_out=0), r"tokens_out=0 must be in \[1, tokens=8\]"),
+        ("tome_merge_bwd", dict(source=0), "source is a null pointer"),
+    ],
+)
+def test_cuda_bindings_validate(op, change, match):
+    # The pybind11 boundary checks everything before any CUDA call: testable without a GPU.
+    mod = _ext()
+    ptr = 1 << 20
+    args = {
+        "tome_match": dict(dtype=0, batch=2, tokens=8, channels=4, protected_tokens=1, stride_b=32, stride_t=4,
+                           metric=ptr, score=ptr, index=ptr, eps=1e-12, stream=0),
+        "tome_merge_fwd": dict(dtype=2, batch=2, tokens=8, tokens_out=5, channels=4, stride_b=32, stride_t=4,
+                               x=ptr, size=ptr, order=ptr, offsets=ptr, out=ptr, out_size=ptr, stream=0),
+        "tome_merge_bwd": dict(dtype=1, batch=2, tokens=8, tokens_out=5, channels=4, dy=ptr, size=ptr,
+                               out_size=ptr, source=ptr, dx=ptr, stream=0),
+    }[op]
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        getattr(mod, op)(**args)
