@@ -129,3 +129,14 @@ def test_bad_inputs_and_noop_flags():
     with pytest.warns(UserWarning, match="ignores metric"):
         ImportancePruner(0.5)(tokens, (4, 4), importance=torch.rand(2, 16, device=DEVICE), metric=tokens)
     assert "ratio=0.25" in repr(ToMeCompressor(0.25)) and "ratio=0.5" in repr(ImportancePruner(0.5))
+
+
+def test_importance_from_merged_attention_cls_row():
+    # VisionZip-style: the ViT CLS row's attention (merged_attention's side-output) ranks the patches.
+    tiles, heads, d, grid = 2, 2, 64, (4, 4)
+    q, k, v = (torch.randn(tiles, 17, heads, d, device=DEVICE) for _ in range(3))
+    _, importance = fk.merged_attention(q, k, v, importance_rows=[0], backend="reference")
+    patches = torch.randn(tiles, 16, 8, device=DEVICE)
+    out = ImportancePruner(0.25)(patches, grid, importance=importance[:, 1:])
+    keep = importance[:, 1:].topk(4, dim=1).indices.sort(1).values
+    assert torch.equal(out.tokens, patches.gather(1, keep[..., None].expand(-1, -1, 8)))
