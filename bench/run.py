@@ -10,10 +10,10 @@ import torch
 
 from . import harness
 
-OPS = {"shuffle_merge_norm": "bench.bench_shuffle_merge_norm"}
-OPS["fused_linear_distill"] = "bench.bench_fused_linear_distill"
-OPS["merged_attention"] = "bench.bench_merged_attention"
-OPS["compress_project"] = "bench.bench_compress_project"
+OPS = {
+    op: f"bench.bench_{op}"
+    for op in ("compress_project", "fused_linear_distill", "merged_attention", "shuffle_merge_norm", "tome_merge")
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

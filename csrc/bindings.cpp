@@ -114,6 +114,83 @@ void shuffle_merge_norm_bwd(int dtype, int64_t tiles, int64_t grid_h, int64_t gr
                 blocks, stream);
 }
 
+// Sizes and strides of the ToMe ops; the kernels index tokens and channels with int32.
+void tome_check_sizes(const char* op, int64_t batch, int64_t tokens, int64_t channels,
+                      int64_t stride_b, int64_t stride_t) {
+  if (batch < 1 || tokens < 1 || channels < 1) {
+    fail(op, ": sizes must be positive, got batch=", batch, " tokens=", tokens, " channels=", channels);
+  }
+  if (batch > 65535) fail(op, ": batch=", batch, " exceeds the grid's y limit 65535");
+  if (tokens > (int64_t{1} << 30) || channels > (int64_t{1} << 30)) {
+    fail(op, ": tokens=", tokens, " or channels=", channels, " exceeds the kernel's int32 indexing");
+  }
+  if (stride_b < 0 || stride_t < 0) fail(op, ": negative strides (", stride_b, ", ", stride_t, ")");
+}
+
+void tome_match(int dtype, int64_t batch, int64_t tokens, int64_t channels, int64_t protected_tokens,
+                int64_t stride_b, int64_t stride_t, uintptr_t metric, uintptr_t score,
+                uintptr_t index, double eps, uintptr_t stream) {
+  const auto dt = to_dtype(dtype);
+  tome_check_sizes("tome_match", batch, tokens, channels, stride_b, stride_t);
+  if (protected_tokens < 0 || tokens - protected_tokens < 2) {
+    fail("tome_match: protected=", protected_tokens, " must be in [0, tokens - 2] (tokens=", tokens,
+         ") so that sets A and B are not empty");
+  }
+  require_ptr(metric, "metric");
+  require_ptr(score, "score");
+  require_ptr(index, "index");
+  if (!(static_cast<float>(eps) > 0.f)) fail("tome_match: eps=", eps, " must be > 0 in fp32");
+  py::gil_scoped_release release;
+  fcot::tome_match(dt, {batch, tokens, channels, protected_tokens, stride_b, stride_t},
+                   reinterpret_cast<const void*>(metric), reinterpret_cast<float*>(score),
+                   reinterpret_cast<int64_t*>(index), static_cast<float>(eps), stream);
+}
+
+fcot::TomeMergeShape tome_merge_shape(const char* op, int64_t batch, int64_t tokens,
+                                      int64_t tokens_out, int64_t channels, int64_t stride_b,
+                                      int64_t stride_t) {
+  tome_check_sizes(op, batch, tokens, channels, stride_b, stride_t);
+  if (tokens_out < 1 || tokens_out > tokens) {
+    fail(op, ": tokens_out=", tokens_out, " must be in [1, tokens=", tokens, "]");
+  }
+  return {batch, tokens, tokens_out, channels, stride_b, stride_t};
+}
+
+void tome_merge_fwd(int dtype, int64_t batch, int64_t tokens, int64_t tokens_out, int64_t channels,
+                    int64_t stride_b, int64_t stride_t, uintptr_t x, uintptr_t size,
+                    uintptr_t order, uintptr_t offsets, uintptr_t out, uintptr_t out_size,
+                    uintptr_t stream) {
+  const auto dt = to_dtype(dtype);
+  const auto s = tome_merge_shape("tome_merge_fwd", batch, tokens, tokens_out, channels, stride_b, stride_t);
+  require_ptr(x, "x");
+  require_ptr(size, "size");
+  require_ptr(order, "order");
+  require_ptr(offsets, "offsets");
+  require_ptr(out, "out");
+  require_ptr(out_size, "out_size");
+  py::gil_scoped_release release;
+  fcot::tome_merge_fwd(dt, s, reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(size),
+                       reinterpret_cast<const int64_t*>(order), reinterpret_cast<const int64_t*>(offsets),
+                       reinterpret_cast<void*>(out), reinterpret_cast<float*>(out_size), stream);
+}
+
+void tome_merge_bwd(int dtype, int64_t batch, int64_t tokens, int64_t tokens_out, int64_t channels,
+                    uintptr_t dy, uintptr_t size, uintptr_t out_size, uintptr_t source, uintptr_t dx,
+                    uintptr_t stream) {
+  const auto dt = to_dtype(dtype);
+  const auto s = tome_merge_shape("tome_merge_bwd", batch, tokens, tokens_out, channels,
+                                  tokens_out * channels, channels);
+  require_ptr(dy, "dy");
+  require_ptr(size, "size");
+  require_ptr(out_size, "out_size");
+  require_ptr(source, "source");
+  require_ptr(dx, "dx");
+  py::gil_scoped_release release;
+  fcot::tome_merge_bwd(dt, s, reinterpret_cast<const void*>(dy), reinterpret_cast<const float*>(size),
+                       reinterpret_cast<const float*>(out_size), reinterpret_cast<const int64_t*>(source),
+                       reinterpret_cast<void*>(dx), stream);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -131,5 +208,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_n"), py::arg("x"), py::arg("weight"), py::arg("dy"), py::arg("mean"),
         py::arg("rstd"), py::arg("dx"), py::arg("dweight_partial"), py::arg("dbias_partial"),
         py::arg("blocks"), py::arg("stream"));
+  m.def("tome_match", &tome_match,
+        "ToMe match: best B match per A token. score (batch, n_a) fp32, index (batch, n_a) int64.",
+        py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("channels"),
+        py::arg("protected_tokens"), py::arg("stride_b"), py::arg("stride_t"), py::arg("metric"),
+        py::arg("score"), py::arg("index"), py::arg("eps"), py::arg("stream"));
+  m.def("tome_merge_fwd", &tome_merge_fwd,
+        "ToMe size-weighted merge: out (batch, tokens_out, C), out_size (batch, tokens_out) fp32.",
+        py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("tokens_out"),
+        py::arg("channels"), py::arg("stride_b"), py::arg("stride_t"), py::arg("x"), py::arg("size"),
+        py::arg("order"), py::arg("offsets"), py::arg("out"), py::arg("out_size"), py::arg("stream"));
+  m.def("tome_merge_bwd", &tome_merge_bwd,
+        "ToMe merge backward: dx (batch, tokens, C) = size / out_size[source] * dy[source].",
+        py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("tokens_out"),
+        py::arg("channels"), py::arg("dy"), py::arg("size"), py::arg("out_size"), py::arg("source"),
+        py::arg("dx"), py::arg("stream"));
   m.attr("CUDA_ARCHS") = FCOT_CUDA_ARCHS;
 }

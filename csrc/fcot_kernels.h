@@ -39,4 +39,40 @@ void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const f
              const void* dy, const float* mean, const float* rstd, void* dx,
              float* dweight_partial, float* dbias_partial, int64_t blocks, uintptr_t stream);
 
+// ToMe bipartite matching over a metric (batch, tokens, channels) with unit channel stride:
+// set A = tokens protected, protected+2, ...; set B = protected+1, protected+3, ...
+struct TomeMatchShape {
+  int64_t batch;
+  int64_t tokens;
+  int64_t channels;
+  int64_t protected_tokens;  // leading tokens outside both sets
+  int64_t stride_b;          // metric strides in elements
+  int64_t stride_t;
+};
+
+// score/index (batch, n_a) with n_a = ceil((tokens - protected) / 2): best cosine similarity
+// (fp32) of every A token and the B-set index achieving it (lowest on ties).
+void tome_match(DType dtype, const TomeMatchShape& s, const void* metric, float* score,
+                int64_t* index, float eps, uintptr_t stream);
+
+// Size-weighted merge of x (batch, tokens, channels) into (batch, tokens_out, channels).
+struct TomeMergeShape {
+  int64_t batch;
+  int64_t tokens;
+  int64_t tokens_out;
+  int64_t channels;
+  int64_t stride_b;  // x strides in elements (forward only; dy and dx are contiguous)
+  int64_t stride_t;
+};
+
+// order (batch, tokens) and offsets (batch, tokens_out + 1) int64 list each output token's
+// members; size (batch, tokens) fp32; out in dtype, out_size (batch, tokens_out) fp32.
+void tome_merge_fwd(DType dtype, const TomeMergeShape& s, const void* x, const float* size,
+                    const int64_t* order, const int64_t* offsets, void* out, float* out_size,
+                    uintptr_t stream);
+
+// dx (batch, tokens, channels) = size / out_size[source] * dy[source], dy contiguous.
+void tome_merge_bwd(DType dtype, const TomeMergeShape& s, const void* dy, const float* size,
+                    const float* out_size, const int64_t* source, void* dx, uintptr_t stream);
+
 }  // namespace fcot

@@ -7,10 +7,11 @@ needs a GPU, triton at import time, or the compiled extension.
 
 from ._alloc import poison_outputs
 from .dispatch import BackendUnavailableError, BackendStatus, backends, current_backend, use_backend
-from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.compress_project import compress_project
 from .ops.fused_linear_distill import fused_linear_distill
 from .ops.merged_attention import merged_attention
-from .ops.compress_project import compress_project
+from .ops.shuffle_merge_norm import shuffle_merge_norm
+from .ops.tome_merge import tome_match, tome_merge
 
 __all__ = [
     "BackendStatus",
@@ -22,5 +23,7 @@ __all__ = [
     "merged_attention",
     "poison_outputs",
     "shuffle_merge_norm",
+    "tome_match",
+    "tome_merge",
     "use_backend",
 ]

@@ -185,3 +185,13 @@ def check_finite(name: str, t: torch.Tensor) -> None:
             f"{name} has {count} non-finite element(s) (first at index {first}: {t[first].item()}); "
             f"checked because {DEBUG_FINITE_ENV}=1"
         )
+
+
+def check_int_range(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> int:
+    """An ``int`` (not a bool) in ``[low, high]``; the message names the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value} is out of range; expected {bound}{hint}")
+    return value

@@ -1,0 +1,53 @@
+// Launchers of the ToMe merge kernels (forward and backward): geometry, grid and the caller's
+// stream. Validation lives in bindings.cpp.
+#include "tome_merge.cuh"
+
+namespace fcot {
+namespace {
+
+TomeMergeGeom merge_geom(const TomeMergeShape& s) {
+  TomeMergeGeom g;
+  g.stride_b = s.stride_b;
+  g.stride_t = s.stride_t;
+  g.tokens = static_cast<int>(s.tokens);
+  g.tokens_out = static_cast<int>(s.tokens_out);
+  g.C = static_cast<int>(s.channels);
+  return g;
+}
+
+// Enough threads to cover the row once for ViT/projector widths, at least a few warps.
+int merge_threads(int64_t channels) {
+  int64_t t = ((channels + 31) / 32) * 32;
+  return static_cast<int>(t < 128 ? 128 : (t > 512 ? 512 : t));
+}
+
+}  // namespace
+
+void tome_merge_fwd(DType dtype, const TomeMergeShape& s, const void* x, const float* size,
+                    const int64_t* order, const int64_t* offsets, void* out, float* out_size,
+                    uintptr_t stream) {
+  const TomeMergeGeom g = merge_geom(s);
+  const dim3 grid(static_cast<unsigned>(s.tokens_out), static_cast<unsigned>(s.batch));
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    tome_merge_kernel<T><<<grid, merge_threads(s.channels), 0, st>>>(
+        static_cast<const T*>(x), size, order, offsets, static_cast<T*>(out), out_size, g);
+  });
+  check_cuda(cudaGetLastError(), "launching tome_merge_kernel");
+}
+
+void tome_merge_bwd(DType dtype, const TomeMergeShape& s, const void* dy, const float* size,
+                    const float* out_size, const int64_t* source, void* dx, uintptr_t stream) {
+  const TomeMergeGeom g = merge_geom(s);
+  const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.batch));
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    tome_unmerge_kernel<T><<<grid, merge_threads(s.channels), 0, st>>>(
+        static_cast<const T*>(dy), size, out_size, source, static_cast<T*>(dx), g);
+  });
+  check_cuda(cudaGetLastError(), "launching tome_unmerge_kernel");
+}
+
+}  // namespace fcot

@@ -1,0 +1,61 @@
+// ToMe size-weighted merge and its backward (kernel bodies).
+//
+// Forward: one block per output token; its members (input tokens, in original order) are
+// listed CSR-style by `order`/`offsets`, built by the caller. Threads stride over channels
+// and sum size-weighted members in fp32 in a fixed order: deterministic, no atomics.
+// Backward: one block per input token, dx_i = size_i / merged_size_o * dy_o (a gather).
+#pragma once
+#include "common.cuh"
+
+namespace fcot {
+
+struct TomeMergeGeom {
+  int64_t stride_b, stride_t;  // x strides (elements); channel stride is 1
+  int tokens, tokens_out, C;
+};
+
+template <typename T>
+__global__ void tome_merge_kernel(const T* __restrict__ x,              // (batch, tokens, C), strided
+                                  const float* __restrict__ size,       // (batch, tokens)
+                                  const int64_t* __restrict__ order,    // (batch, tokens)
+                                  const int64_t* __restrict__ offsets,  // (batch, tokens_out + 1)
+                                  T* __restrict__ out,                  // (batch, tokens_out, C)
+                                  float* __restrict__ out_size,         // (batch, tokens_out)
+                                  TomeMergeGeom g) {
+  const int64_t o = blockIdx.x, batch = blockIdx.y;
+  const int64_t start = offsets[batch * (g.tokens_out + 1) + o];
+  const int64_t end = offsets[batch * (g.tokens_out + 1) + o + 1];
+  const int64_t* members = order + batch * g.tokens;
+  const float* sizes = size + batch * g.tokens;
+  const T* xb = x + batch * g.stride_b;
+  float total = 0.f;
+  for (int64_t k = start; k < end; ++k) total += sizes[members[k]];
+  const float inv_total = 1.f / total;
+  T* dst = out + (batch * g.tokens_out + o) * g.C;
+  for (int c = threadIdx.x; c < g.C; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t k = start; k < end; ++k) {
+      const int64_t i = members[k];
+      acc += sizes[i] * to_f32(xb[i * g.stride_t + c]);
+    }
+    dst[c] = from_f32<T>(acc * inv_total);
+  }
+  if (threadIdx.x == 0) out_size[batch * g.tokens_out + o] = total;
+}
+
+template <typename T>
+__global__ void tome_unmerge_kernel(const T* __restrict__ dy,             // (batch, tokens_out, C)
+                                    const float* __restrict__ size,       // (batch, tokens)
+                                    const float* __restrict__ out_size,   // (batch, tokens_out)
+                                    const int64_t* __restrict__ source,   // (batch, tokens)
+                                    T* __restrict__ dx,                   // (batch, tokens, C)
+                                    TomeMergeGeom g) {
+  const int64_t i = blockIdx.x, batch = blockIdx.y;
+  const int64_t o = source[batch * g.tokens + i];
+  const float w = size[batch * g.tokens + i] / out_size[batch * g.tokens_out + o];
+  const T* src = dy + (batch * g.tokens_out + o) * g.C;
+  T* dst = dx + (batch * g.tokens + i) * g.C;
+  for (int c = threadIdx.x; c < g.C; c += blockDim.x) dst[c] = from_f32<T>(w * to_f32(src[c]));
+}
+
+}  // namespace fcot

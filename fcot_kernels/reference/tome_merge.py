@@ -1,0 +1,108 @@
+"""Pure-PyTorch reference of one round of ToMe bipartite soft matching (the spec of
+:func:`fcot_kernels.tome_merge` and :func:`fcot_kernels.tome_match`).
+
+Written like ToMe's ``merge.py`` (vectorised over the batch, no Python loops over tokens), so
+that it is also a fair eager baseline for the benchmark. The similarity is always computed in
+fp32 as ``(a . b) * (1/|a|) * (1/|b|)``, in that order, with ``1/|v| = 1 / max(sqrt(v . v), eps)``:
+discrete decisions must not depend on the input dtype, and the kernels evaluate the same
+expression, so on integer-valued metrics (exact dot products) every score is bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+"""Lower bound on a metric row's norm: an all-zero row has cosine similarity 0 to everything."""
+
+
+def tome_split(tokens: int, protected: int) -> tuple[int, int]:
+    """Sizes ``(|A|, |B|)`` of the bipartite sets: the tokens after the first ``protected``
+    alternate A, B, A, ... (A at even offsets from ``protected``, B at odd ones)."""
+    rest = tokens - protected
+    return (rest + 1) // 2, rest // 2
+
+
+def tome_max_r(tokens: int, protected: int) -> int:
+    """The largest ``r`` one round can merge: every A token, provided B is not empty."""
+    n_a, n_b = tome_split(tokens, protected)
+    return n_a if n_b > 0 else 0
+
+
+def inverse_norm_ref(m: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|m|, eps)`` over the last dimension, in fp32."""
+    m = m.float()
+    # sqrt and the division in fp64, rounded once to fp32: the correctly rounded fp32 results
+    # (what IEEE sqrt/div in the kernels give). torch's fp32 sqrt on CPU is not always.
+    norm = torch.sqrt((m * m).sum(-1).double()).float().clamp_min(EPS)
+    return (1.0 / norm.double()).float()
+
+
+def tome_match_ref(metric: torch.Tensor, *, protected: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B match of every A token: ``(score (B, |A|) fp32, index (B, |A|) int64)``.
+
+    ``index`` counts within set B (B token ``j`` is original token ``protected + 2*j + 1``);
+    ties go to the lowest index. Materialises the full ``(B, |A|, |B|)`` score matrix.
+    """
+    m = metric[:, protected:].float()
+    a, b = m[:, 0::2], m[:, 1::2]
+    scores = (a @ b.transpose(1, 2)) * inverse_norm_ref(a)[:, :, None] * inverse_norm_ref(b)[:, None, :]
+    best = scores.amax(dim=-1)
+    # Lowest index among the maxima, spelled out rather than relying on argmax's tie rule.
+    cols = torch.arange(b.shape[1], device=m.device)
+    index = torch.where(scores == best[..., None], cols, b.shape[1]).amin(dim=-1)
+    return best, index
+
+
+def tome_plan_ref(score: torch.Tensor, index: torch.Tensor, *, r: int, tokens: int, protected: int) -> torch.Tensor:
+    """``source (B, T) int64``: the output index of every input token after merging the ``r``
+    best-scoring A tokens (ties: lower A index first) into their matches, with the outputs
+    ordered by the smallest original index each contains."""
+    batch, n_a = score.shape
+    device = score.device
+    pos = torch.arange(tokens, device=device).expand(batch, tokens)
+    a_pos = protected + 2 * torch.arange(n_a, device=device)
+    # The stable descending sort keeps lower A indices first among equal scores.
+    src = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]
+    dst = pos.clone()  # original index of the token each token ends up in
+    dst.scatter_(1, a_pos[src], protected + 2 * index.gather(1, src) + 1)
+    # Each surviving token (dst == itself) is keyed by the smallest original index in its group;
+    # merged-away tokens get keys past the end so they sort last and fall off.
+    group_min = pos.clone().scatter_reduce(1, dst, pos, reduce="amin", include_self=True)
+    key = torch.where(dst == pos, group_min, tokens + pos)
+    rank = torch.empty_like(pos).scatter_(1, torch.argsort(key, dim=1), pos)
+    return rank.gather(1, dst)
+
+
+def tome_merge_ref(
+    x: torch.Tensor,
+    *,
+    r: int,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    protected: int = 0,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for :func:`fcot_kernels.tome_merge`: ``(merged (B, T-r, C) in x.dtype,
+    merged_size (B, T-r) fp32, source (B, T) int64)``.
+
+    The matching is computed in fp32 from ``metric`` (default ``x``); the size-weighted
+    average is computed in ``x.dtype`` like eager PyTorch would, or in fp32 when ``upcast``.
+    Gradients flow to ``x`` only (``metric`` picks indices; ``size`` counts tokens).
+    """
+    batch, tokens, channels = x.shape
+    metric = x if metric is None else metric
+    size = torch.ones(batch, tokens, device=x.device) if size is None else size
+    size = size.detach().float()
+    if r == 0:  # nothing merges (and set B may be empty): the identity
+        source = torch.arange(tokens, device=x.device).expand(batch, tokens)
+    else:
+        score, index = tome_match_ref(metric.detach(), protected=protected)
+        source = tome_plan_ref(score, index, r=r, tokens=tokens, protected=protected)
+    compute = torch.float32 if upcast else x.dtype
+    out_tokens = tokens - r
+    summed = torch.zeros(batch, out_tokens, channels, device=x.device, dtype=compute)
+    summed = summed.scatter_add(1, source[..., None].expand(-1, -1, channels), x.to(compute) * size[..., None].to(compute))
+    merged_size = torch.zeros(batch, out_tokens, device=x.device).scatter_add(1, source, size)
+    merged = summed / merged_size[..., None].to(compute)
+    return merged.to(x.dtype), merged_size, source
