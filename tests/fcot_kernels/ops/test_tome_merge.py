@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fcot_kernels as fk
 from fcot_kernels.reference import tome_match_ref, tome_merge_ref
+from fcot_kernels.reference.tome_merge import inverse_norm_ref
 from fcot_kernels.testing import assert_close, assert_matches_reference, runnable_backends
 
 from ...conftest import DEVICE, ON_GPU
@@ -41,17 +42,21 @@ def _sizes(b: int, t: int) -> torch.Tensor:
 
 
 def _spec_merge(x, metric, size, r, protected):
-    """Brute force, straight from the issue text: Python loops over tokens, fp64."""
+    """Brute force, straight from the issue text: Python loops over tokens, fp64 merging.
+
+    Scores are the documented fp32 cosine, ``(dot * (1/|a|)) * (1/|b|)`` with correctly
+    rounded inverse norms, so mathematically equal cosines tie (or not) exactly as they do in
+    the kernels; an fp64 cosine would break some of those ties by rounding noise instead."""
     batch, tokens, _ = x.shape
     outs, sizes, sources = [], [], []
     for bi in range(batch):
         a_idx = list(range(protected, tokens, 2))
         b_idx = list(range(protected + 1, tokens, 2))
-        m = metric[bi].double()
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = metric[bi].float()
+        inv = inverse_norm_ref(m[None])[0]
         best = []
         for a in a_idx:
-            sims = [float(m[a] @ m[b]) for b in b_idx]
+            sims = [float((m[a] @ m[b]) * inv[a] * inv[b]) for b in b_idx]
             j = max(range(len(b_idx)), key=lambda k: (sims[k], -k))  # highest, lowest index on ties
             best.append((sims[j], b_idx[j]))
         chosen = sorted(range(len(a_idx)), key=lambda k: (-best[k][0], k))[:r]
