@@ -12,13 +12,15 @@ compress_project`` for CSV/JSON or ``pytest bench/bench_compress_project.py --be
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import fcot_kernels as fk
 from fcot_kernels.reference import avg_merge_weight, compress_project_ref
 
-from .harness import MODES, Case, Skip, eager_and_compiled, make_mode_fn
+from .harness import Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import MODELS, TILE_COUNTS, TILE_GRID
 
 OP = "compress_project"
@@ -80,20 +82,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     return Case(fn=make_mode_fn(forward, mode, [x, *p.values()]), bytes=moved, flops=flops(shape, mode))
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", TARGET_SHAPES if torch.cuda.is_available() else CPU_SHAPES[:1])
+@pytest.mark.parametrize("shape", bench_shapes(TARGET_SHAPES, CPU_SHAPES[:1]))
 def bench_compress_project(benchmark, shape, provider, mode):
-    device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        case = setup(SHAPES[shape], provider, mode, dtype, device)
-    except Skip as why:
-        pytest.skip(str(why))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.extra_info.update(device=device.type, flops=case.flops)
-    benchmark(lambda: (case.fn(), sync()))
+    run_pytest_benchmark(benchmark, sys.modules[__name__], shape, provider, mode)

@@ -15,13 +15,15 @@ written once. Run ``python -m bench.run --op fused_linear_distill``.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import fcot_kernels as fk
 from fcot_kernels.reference import fused_linear_distill_ref
 
-from .harness import BASE_PROVIDERS, MODES, Case, Skip, eager_and_compiled, make_mode_fn
+from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import DISTILL_TOKENS, MODELS
 
 OP = "fused_linear_distill"
@@ -103,20 +105,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     return Case(fn=_oom_to_skip(fn), bytes=moved, flops=flops)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", TARGET_SHAPES if torch.cuda.is_available() else CPU_SHAPES)
+@pytest.mark.parametrize("shape", bench_shapes(TARGET_SHAPES, CPU_SHAPES))
 def bench_fused_linear_distill(benchmark, shape, provider, mode):
-    device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        case = setup(SHAPES[shape], provider, mode, dtype, device)
-    except Skip as why:
-        pytest.skip(str(why))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.extra_info.update(device=device.type, bytes=case.bytes, flops=case.flops)
-    benchmark(lambda: (case.fn(), sync()))
+    run_pytest_benchmark(benchmark, sys.modules[__name__], shape, provider, mode)

@@ -25,6 +25,8 @@ written (forward); q, k, v, out, dout read and dq, dk, dv written (backward).
 
 from __future__ import annotations
 
+import sys
+
 import math
 
 import pytest
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 import fcot_kernels as fk
 from fcot_kernels.reference import merged_attention_ref
 
-from .harness import BASE_PROVIDERS, MODES, Case, Skip, eager_and_compiled, make_mode_fn
+from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import IMAGE_MERGE_RATIOS, MODELS, PREFILL_LENGTHS
 
 OP = "merged_attention"
@@ -161,20 +163,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     return Case(fn=_build(forward, mode, params), bytes=_bytes(q, k, mode), flops=_flops(shape, mode))
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", TARGET_SHAPES if torch.cuda.is_available() else CPU_SHAPES[:1])
+@pytest.mark.parametrize("shape", bench_shapes(TARGET_SHAPES, CPU_SHAPES[:1]))
 def bench_merged_attention(benchmark, shape, provider, mode):
-    device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        case = setup(SHAPES[shape], provider, mode, dtype, device)
-    except Skip as why:
-        pytest.skip(str(why))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.extra_info.update(device=device.type, bytes=case.bytes, flops=case.flops)
-    benchmark(lambda: (case.fn(), sync()))
+    run_pytest_benchmark(benchmark, sys.modules[__name__], shape, provider, mode)

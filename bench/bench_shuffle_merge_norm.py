@@ -7,13 +7,15 @@ written (backward). Run ``python -m bench.run --op shuffle_merge_norm`` for CSV/
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import fcot_kernels as fk
 from fcot_kernels.reference import shuffle_merge_norm_ref
 
-from .harness import BASE_PROVIDERS, MODES, Case, Skip, eager_and_compiled, make_mode_fn
+from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import TILE_COUNTS, TILE_GRID, VIT_WIDTHS
 
 OP = "shuffle_merge_norm"
@@ -52,20 +54,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     return Case(fn=make_mode_fn(forward, mode, [x, w, b]), bytes=moved)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", TARGET_SHAPES if torch.cuda.is_available() else CPU_SHAPES[:1])
+@pytest.mark.parametrize("shape", bench_shapes(TARGET_SHAPES, CPU_SHAPES[:1]))
 def bench_shuffle_merge_norm(benchmark, shape, provider, mode):
-    device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        case = setup(SHAPES[shape], provider, mode, dtype, device)
-    except Skip as why:
-        pytest.skip(str(why))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.extra_info.update(device=device.type, bytes=case.bytes)
-    benchmark(lambda: (case.fn(), sync()))
+    run_pytest_benchmark(benchmark, sys.modules[__name__], shape, provider, mode)

@@ -11,6 +11,8 @@ Run ``python -m bench.run --op tome_merge``.
 
 from __future__ import annotations
 
+import sys
+
 import importlib.util
 
 import pytest
@@ -19,7 +21,7 @@ import torch
 import fcot_kernels as fk
 from fcot_kernels.reference import tome_merge_ref
 
-from .harness import BASE_PROVIDERS, MODES, Case, Skip, eager_and_compiled, make_mode_fn
+from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import MODELS, TILE_COUNTS, TILE_GRID, VIT_WIDTHS
 
 OP = "tome_merge"
@@ -77,20 +79,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     return Case(fn=make_mode_fn(forward, mode, [x]), bytes=moved, flops=flops)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", TARGET_SHAPES[:1] if torch.cuda.is_available() else CPU_SHAPES[:1])
+@pytest.mark.parametrize("shape", bench_shapes(TARGET_SHAPES[:1], CPU_SHAPES[:1]))
 def bench_tome_merge(benchmark, shape, provider, mode):
-    device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        case = setup(SHAPES[shape], provider, mode, dtype, device)
-    except Skip as why:
-        pytest.skip(str(why))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.extra_info.update(device=device.type, bytes=case.bytes, flops=case.flops)
-    benchmark(lambda: (case.fn(), sync()))
+    run_pytest_benchmark(benchmark, sys.modules[__name__], shape, provider, mode)

@@ -205,6 +205,30 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_shapes(gpu: list[str], cpu: list[str]) -> list[str]:
+    """The shapes a pytest-benchmark suite takes: ``gpu`` on a GPU machine, else ``cpu``."""
+    return gpu if torch.cuda.is_available() else cpu
+
+
+def run_pytest_benchmark(benchmark, module, shape: str, provider: str, mode: str) -> None:
+    """Body of every ``bench_<op>`` pytest-benchmark function: set up the module's case (bf16 on
+    a GPU, fp32 on a CPU) and time it, skipping with the setup's reason when it cannot run."""
+    import pytest
+
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
+    except Skip as why:
+        pytest.skip(str(why))
+    benchmark.extra_info.update(device=device.type, bytes=case.bytes, flops=case.flops)
+    benchmark(lambda: (case.fn(), _sync(device)))
+
+
 def eager_and_compiled(fn: Callable, provider: str) -> Callable:
     """The reference as given (eager) or wrapped in torch.compile (default mode)."""
     if provider == "compile":

@@ -34,7 +34,7 @@ class _CompressProject(torch.autograd.Function):
         z = None
         if mode == "conv":
             z = impl.conv_forward(x, merge_weight, merge_bias, geom)
-            ident = impl._identity_geometry(geom.rows, geom.width)
+            ident = impl.identity_geometry(geom.rows, geom.width)
             h, mean, rstd = impl.merge_ln_forward(z.view(geom.rows, 1, geom.width), None, None, ln_weight, ln_bias, ident, eps)
         else:
             h, mean, rstd = impl.merge_ln_forward(x, merge_weight, merge_bias, ln_weight, ln_bias, geom, eps)
@@ -68,7 +68,7 @@ class _CompressProject(torch.autograd.Function):
             if below_ln:
                 dh = torch.mm(du, w1)
                 if mode == "conv":
-                    ident = impl._identity_geometry(geom.rows, geom.width)
+                    ident = impl.identity_geometry(geom.rows, geom.width)
                     dz, dlnw, dlnb, _, _ = impl.merge_ln_backward(
                         dh, z.view(geom.rows, 1, geom.width), None, None, ln_weight, mean, rstd, ident,
                         compute_dx=below_merge, compute_dmw=False, compute_dmb=False,

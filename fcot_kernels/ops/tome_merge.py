@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_int_range, check_tensor
+from .._validation import check_int_range, check_tensor
 from ..dispatch import resolve
 from ..reference.tome_merge import EPS, tome_match_ref, tome_max_r, tome_merge_ref, tome_split
 

@@ -34,47 +34,10 @@ import triton.language as tl
 from .. import _alloc
 from .._validation import ShuffleGeometry
 from ..dispatch import triton_interpreter
+from .shuffle_merge_norm import _u_col_off, _u_row_off, identity_geometry, merge_ln_backward, merge_ln_forward  # noqa: F401
 
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 ACT_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
-MODE_AVG, MODE_DWCONV = 0, 1
-
-
-@triton.jit
-def _u_row_off(
-    row,  # (BLOCK,) int64 output-token indices
-    tokens_out,
-    out_w,
-    grid_w,
-    stride_t,
-    stride_n,
-    R: tl.constexpr,
-    MH: tl.constexpr,
-    MW: tl.constexpr,
-):
-    # x offset of the window's top-left patch: tile + merged-grid cell.
-    t = row // tokens_out
-    o = row % tokens_out
-    return t * stride_t + (((o // out_w) * MH * R) * grid_w + (o % out_w) * MW * R).to(tl.int64) * stride_n
-
-
-@triton.jit
-def _u_col_off(
-    col,  # (BLOCK,) column of U: member * W + segment * C + channel
-    C,
-    W,
-    grid_w,
-    stride_n,
-    stride_c,
-    R: tl.constexpr,
-    MW: tl.constexpr,
-):
-    m = col // W
-    kk = col % W
-    seg = kk // C
-    c = kk % C
-    cell = ((m // MW) * R + seg // R) * grid_w + (m % MW) * R + seg % R
-    return cell.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
 
 
 @triton.jit
@@ -96,157 +59,6 @@ def _act_grad(u, ACT: tl.constexpr):
         t = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
         d = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
     return d
-
-
-@triton.jit
-def _merge_ln_fwd_kernel(
-    x_ptr,  # (tiles, grid_h*grid_w, C), any strides
-    mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
-    mb_ptr,  # (W,) merge bias; unused unless HAS_MB
-    w_ptr,  # (W,) LayerNorm weight
-    b_ptr,  # (W,) LayerNorm bias
-    h_ptr,  # (rows, W) contiguous, normalised tokens
-    mean_ptr,  # (rows,) fp32
-    rstd_ptr,  # (rows,) fp32
-    stride_xt,
-    stride_xn,
-    stride_xc,
-    tokens_out,
-    out_w,
-    grid_w,
-    C,
-    eps,
-    R: tl.constexpr,
-    R2P: tl.constexpr,  # next power of two >= R*R
-    MH: tl.constexpr,
-    MW: tl.constexpr,
-    MODE: tl.constexpr,  # 0 avg, 1 dwconv
-    HAS_MB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    seg = tl.arange(0, R2P)
-    c = tl.arange(0, BLOCK_C)
-    mask = (seg < R * R)[:, None] & (c < C)[None, :]
-    width = R * R * C
-    ch = seg[:, None] * C + c[None, :]
-    # The row as an (R*R, C) tile: segment k is contiguous in patch (i*R + k//R, j*R + k%R).
-    base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-    acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    for m in tl.static_range(MH * MW):
-        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
-        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
-        acc += xm
-    if MODE == 0:
-        acc = acc / (MH * MW)
-    if HAS_MB:
-        acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / width
-    d = tl.where(mask, acc - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + eps)
-    w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * width + ch, (d * rstd * w + b).to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
-
-
-@triton.jit
-def _merge_ln_bwd_kernel(
-    x_ptr,  # (tiles, grid_h*grid_w, C), any strides
-    mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
-    mb_ptr,  # (W,) merge bias; unused unless HAS_MB
-    w_ptr,  # (W,) LayerNorm weight
-    dh_ptr,  # (rows, W) contiguous, gradient of the LayerNorm output
-    mean_ptr,  # (rows,) fp32
-    rstd_ptr,  # (rows,) fp32
-    dx_ptr,  # (tiles, grid_h*grid_w, C) contiguous; unused unless COMPUTE_DX
-    dw_ptr,  # (programs, W) fp32 partial sums of dgamma
-    db_ptr,  # (programs, W) fp32 partial sums of dbeta
-    dmw_ptr,  # (programs, MH*MW, W) fp32 partial sums; unused unless COMPUTE_DMW
-    dmb_ptr,  # (programs, W) fp32 partial sums; unused unless COMPUTE_DMB
-    stride_xt,
-    stride_xn,
-    stride_xc,
-    rows,
-    rows_per_program,
-    tokens_out,
-    out_w,
-    grid_w,
-    grid_hw,
-    C,
-    R: tl.constexpr,
-    R2P: tl.constexpr,
-    MH: tl.constexpr,
-    MW: tl.constexpr,
-    MODE: tl.constexpr,
-    HAS_MB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
-    COMPUTE_DMW: tl.constexpr,
-    COMPUTE_DMB: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    seg = tl.arange(0, R2P)
-    c = tl.arange(0, BLOCK_C)
-    mask = (seg < R * R)[:, None] & (c < C)[None, :]
-    width = R * R * C
-    ch = seg[:, None] * C + c[None, :]
-    w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    db = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    dmb = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    start = pid.to(tl.int64) * rows_per_program
-    end = tl.minimum(start + rows_per_program, rows)
-    for row in range(start, end):
-        base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-        acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-        for m in tl.static_range(MH * MW):
-            off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
-            xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            if MODE == 1:
-                xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
-            acc += xm
-        if MODE == 0:
-            acc = acc / (MH * MW)
-        if HAS_MB:
-            acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, (acc - tl.load(mean_ptr + row)) * rstd, 0.0)
-        dy = tl.load(dh_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
-        dw += dy * xhat
-        db += dy
-        if COMPUTE_DX or COMPUTE_DMW or COMPUTE_DMB:
-            g = dy * w
-            m1 = tl.sum(tl.sum(g, axis=1), axis=0) / width
-            m2 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
-            dz = tl.where(mask, (g - m1 - xhat * m2) * rstd, 0.0)
-            if COMPUTE_DMB:
-                dmb += dz
-            if COMPUTE_DX or COMPUTE_DMW:
-                dbase = _u_row_off(row, tokens_out, out_w, grid_w, grid_hw * C, C, R, MH, MW)
-                for m in tl.static_range(MH * MW):
-                    if COMPUTE_DMW:
-                        # Re-read the member (an L1/L2 hit) instead of holding merge tiles in registers.
-                        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
-                        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-                        # This program's partial sum lives in its own slice of dmw (first row: start it).
-                        prev = tl.load(dmw_ptr + (pid * MH * MW + m) * width + ch, mask=mask, other=0.0)
-                        prev = tl.where(row > start, prev, 0.0)
-                        tl.store(dmw_ptr + (pid * MH * MW + m) * width + ch, prev + dz * xm, mask=mask)
-                    if COMPUTE_DX:
-                        if MODE == 1:
-                            dxm = dz * tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
-                        else:
-                            dxm = dz / (MH * MW)
-                        doff = dbase + _u_col_off(m * width + ch, C, width, grid_w, C, 1, R, MW)
-                        tl.store(dx_ptr + doff, dxm.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + pid * width + ch, dw, mask=mask)
-    tl.store(db_ptr + pid * width + ch, db, mask=mask)
-    if COMPUTE_DMB:
-        tl.store(dmb_ptr + pid * width + ch, dmb, mask=mask)
 
 
 @triton.jit
@@ -355,20 +167,6 @@ def _gemm_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _identity_geometry(rows: int, width: int) -> ShuffleGeometry:
-    """A row-wise op on ``(rows, width)`` expressed as a shuffle geometry (no shuffle, no merge)."""
-    return ShuffleGeometry(rows, 1, 1, width, 1, 1)
-
-
-def _ln_meta(geom: ShuffleGeometry) -> dict:
-    block_c = triton.next_power_of_2(geom.channels)
-    r2p = triton.next_power_of_2(geom.r * geom.r)
-    mh, mw = geom.window
-    # About 16 fp32 values per thread keeps the row tile in registers without spilling.
-    num_warps = max(1, min(16, (block_c * r2p) // 512))
-    return dict(R=geom.r, R2P=r2p, MH=mh, MW=mw, BLOCK_C=block_c, num_warps=num_warps)
-
-
 def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
     if device.type != "cuda" or triton_interpreter():
         # Interpreter: big blocks mean fewer interpreted steps (numpy does the tile math);
@@ -425,104 +223,20 @@ def gemm(
         g = (1, 1, 1, 1, 1)
     cfg = _gemm_config(M, N, K, out.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _gemm_kernel[grid](
-        a, b, out,
-        bias if bias is not None else dummy,
-        act_grad_of if act_grad_of is not None else dummy,
-        pre if pre is not None else dummy,
-        M, N, K, *sa, *sb, *sc, *g, *us,
-        R=r, MH=mh, MW=mw,
-        A_GATHER=gather == "a", B_GATHER=gather == "b", C_SCATTER=scatter,
-        HAS_BIAS=bias is not None, ACT=act, ACT_GRAD=act_grad_of is not None, STORE_PRE=pre is not None,
-        DOT_F32=dtype_src.dtype == torch.float32 or triton_interpreter(),
-        **cfg,
-    )
+    with _alloc.device_guard(a):
+        _gemm_kernel[grid](
+            a, b, out,
+            bias if bias is not None else dummy,
+            act_grad_of if act_grad_of is not None else dummy,
+            pre if pre is not None else dummy,
+            M, N, K, *sa, *sb, *sc, *g, *us,
+            R=r, MH=mh, MW=mw,
+            A_GATHER=gather == "a", B_GATHER=gather == "b", C_SCATTER=scatter,
+            HAS_BIAS=bias is not None, ACT=act, ACT_GRAD=act_grad_of is not None, STORE_PRE=pre is not None,
+            DOT_F32=dtype_src.dtype == torch.float32 or triton_interpreter(),
+            **cfg,
+        )
     return out
-
-
-def merge_ln_forward(
-    x: torch.Tensor,
-    merge_weight: torch.Tensor | None,
-    merge_bias: torch.Tensor | None,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    geom: ShuffleGeometry,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``h (rows, W)`` = LayerNorm(merge(shuffle(x))) in x.dtype, with fp32 per-row mean/rstd."""
-    h = _alloc.empty((geom.rows, geom.width), dtype=x.dtype, device=x.device)
-    mean = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    rstd = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    _merge_ln_fwd_kernel[(geom.rows,)](
-        x,
-        merge_weight if merge_weight is not None else ln_weight,
-        merge_bias if merge_bias is not None else ln_weight,
-        ln_weight, ln_bias, h, mean, rstd,
-        x.stride(0), x.stride(1), x.stride(2),
-        geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, eps,
-        MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
-        HAS_MB=merge_bias is not None,
-        **_ln_meta(geom),
-    )
-    return h, mean, rstd
-
-
-def _num_programs(x: torch.Tensor, rows: int) -> int:
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
-    return max(1, min(rows, 4))  # interpreter: few programs, same code path
-
-
-def merge_ln_backward(
-    dh: torch.Tensor,
-    x: torch.Tensor,
-    merge_weight: torch.Tensor | None,
-    merge_bias: torch.Tensor | None,
-    ln_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    geom: ShuffleGeometry,
-    *,
-    compute_dx: bool,
-    compute_dmw: bool,
-    compute_dmb: bool,
-) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dln_weight, dln_bias, dmerge_weight, dmerge_bias)``; dx in x's shape (contiguous,
-    x.dtype), the parameter gradients in fp32; entries not asked for are None."""
-    programs = _num_programs(x, geom.rows)
-    rows_per_program = triton.cdiv(geom.rows, programs)
-    programs = triton.cdiv(geom.rows, rows_per_program)
-    members = geom.merge
-    f32 = dict(dtype=torch.float32, device=x.device)
-    dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
-    dw = _alloc.empty((programs, geom.width), **f32)
-    db = _alloc.empty((programs, geom.width), **f32)
-    dmw = _alloc.empty((programs, members, geom.width), **f32) if compute_dmw else None
-    dmb = _alloc.empty((programs, geom.width), **f32) if compute_dmb else None
-    _merge_ln_bwd_kernel[(programs,)](
-        x,
-        merge_weight if merge_weight is not None else ln_weight,
-        merge_bias if merge_bias is not None else ln_weight,
-        ln_weight, dh, mean, rstd,
-        dx if dx is not None else dw, dw, db,
-        dmw if dmw is not None else dw,
-        dmb if dmb is not None else dw,
-        x.stride(0), x.stride(1), x.stride(2),
-        geom.rows, rows_per_program, geom.tokens_out, geom.out_grid[1], geom.grid_w,
-        geom.grid_h * geom.grid_w, geom.channels,
-        MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
-        HAS_MB=merge_bias is not None,
-        COMPUTE_DX=compute_dx, COMPUTE_DMW=compute_dmw, COMPUTE_DMB=compute_dmb,
-        **_ln_meta(geom),
-    )
-    return (
-        dx,
-        dw.sum(0),
-        db.sum(0),
-        dmw.sum(0) if dmw is not None else None,
-        dmb.sum(0) if dmb is not None else None,
-    )
 
 
 def conv_forward(x: torch.Tensor, merge_weight: torch.Tensor, merge_bias: torch.Tensor | None, geom: ShuffleGeometry) -> torch.Tensor:

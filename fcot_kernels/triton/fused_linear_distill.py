@@ -218,16 +218,17 @@ def logits_pass(
     r, v = zs.shape
     meta = _meta(v, zs.device)
     grid = (triton.cdiv(r, meta["BLOCK_R"]),)
-    _fld_kernel[grid](
-        zs, zt, labels if labels is not None else loss_rows, count, loss_rows,
-        r, v, zs.stride(0), zt.stride(0),
-        1.0 / temperature, kl_weight * temperature**2, ce_weight,
-        beta, math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
-        ignore_index,
-        DIV=DIV_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0,
-        CE_LSE=ce_weight != 0 and temperature != 1.0, MEAN=mean, COMPUTE_GRAD=compute_grad,
-        **meta,
-    )
+    with _alloc.device_guard(zs):
+        _fld_kernel[grid](
+            zs, zt, labels if labels is not None else loss_rows, count, loss_rows,
+            r, v, zs.stride(0), zt.stride(0),
+            1.0 / temperature, kl_weight * temperature**2, ce_weight,
+            beta, math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
+            ignore_index,
+            DIV=DIV_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0,
+            CE_LSE=ce_weight != 0 and temperature != 1.0, MEAN=mean, COMPUTE_GRAD=compute_grad,
+            **meta,
+        )
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

@@ -516,14 +516,15 @@ def forward(
     lse = _alloc.empty((geom.heads_q, geom.total_q), dtype=torch.float32, device=q.device)
     cfg = _config("fwd", geom, q.dtype)
     grid = (triton.cdiv(geom.seqlen_q, cfg["BLOCK_M"]), geom.batch * geom.heads_q)
-    _fwd_kernel[grid](
-        q, k, v, bias, out, lse, cu_q, cu_k,
-        *_strides(q, geom.varlen), *_strides(k, geom.varlen), *_strides(v, geom.varlen), *_strides(out, geom.varlen),
-        stride_bias_b, geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.heads_q, geom.group, geom.head_dim,
-        scale * _LOG2E,
-        HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=_precision(q),
-        BLOCK_D=_block_d(geom.head_dim), **cfg,
-    )
+    with _alloc.device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, bias, out, lse, cu_q, cu_k,
+            *_strides(q, geom.varlen), *_strides(k, geom.varlen), *_strides(v, geom.varlen), *_strides(out, geom.varlen),
+            stride_bias_b, geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.heads_q, geom.group, geom.head_dim,
+            scale * _LOG2E,
+            HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=_precision(q),
+            BLOCK_D=_block_d(geom.head_dim), **cfg,
+        )
     return out, lse
 
 
@@ -552,9 +553,10 @@ def backward(
     precision = _precision(q)
     delta = torch.empty((geom.heads_q, geom.total_q), dtype=torch.float32, device=q.device)
     dm = 16 if triton_interpreter() else 64
-    _bwd_delta_kernel[(triton.cdiv(geom.total_q, dm), geom.heads_q)](
-        out, do, delta, geom.total_q, geom.heads_q, geom.head_dim, BLOCK_M=dm, BLOCK_D=block_d,
-    )
+    with _alloc.device_guard(out):
+        _bwd_delta_kernel[(triton.cdiv(geom.total_q, dm), geom.heads_q)](
+            out, do, delta, geom.total_q, geom.heads_q, geom.head_dim, BLOCK_M=dm, BLOCK_D=block_d,
+        )
     dq = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = _alloc.empty(v.shape, dtype=v.dtype, device=q.device)
@@ -564,19 +566,21 @@ def backward(
     flags = dict(HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=precision, BLOCK_D=block_d)
     qs, ks, vs, dos = (_strides(t, geom.varlen) for t in (q, k, v, do))
     cfg = _config("dkdv", geom, q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch * geom.heads_kv)](
-        q, k, v, bias, do, lse, delta, dk, dv, dbias, cu_q, cu_k,
-        *qs, *ks, *vs, *dos, *_strides(dk, geom.varlen), stride_bias_b,
-        geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.total_k, geom.heads_kv, geom.group, geom.head_dim,
-        scale, scale * _LOG2E, BIAS_GRAD=bias_grad, **flags, **cfg,
-    )
+    with _alloc.device_guard(q):
+        _bwd_dkdv_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch * geom.heads_kv)](
+            q, k, v, bias, do, lse, delta, dk, dv, dbias, cu_q, cu_k,
+            *qs, *ks, *vs, *dos, *_strides(dk, geom.varlen), stride_bias_b,
+            geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.total_k, geom.heads_kv, geom.group, geom.head_dim,
+            scale, scale * _LOG2E, BIAS_GRAD=bias_grad, **flags, **cfg,
+        )
     cfg = _config("dq", geom, q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(geom.seqlen_q, cfg["BLOCK_M"]), geom.batch * geom.heads_q)](
-        q, k, v, bias, do, lse, delta, dq, cu_q, cu_k,
-        *qs, *ks, *vs, *dos, stride_bias_b,
-        geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.heads_q, geom.group, geom.head_dim,
-        scale, scale * _LOG2E, **flags, **cfg,
-    )
+    with _alloc.device_guard(q):
+        _bwd_dq_kernel[(triton.cdiv(geom.seqlen_q, cfg["BLOCK_M"]), geom.batch * geom.heads_q)](
+            q, k, v, bias, do, lse, delta, dq, cu_q, cu_k,
+            *qs, *ks, *vs, *dos, stride_bias_b,
+            geom.seqlen_q, geom.seqlen_k, geom.total_q, geom.heads_q, geom.group, geom.head_dim,
+            scale, scale * _LOG2E, **flags, **cfg,
+        )
     if not bias_grad:
         return dq, dk, dv, None
     dbias = dbias.sum(0)
@@ -603,12 +607,13 @@ def importance(
     imp = _alloc.empty(geom.bias_shape, dtype=torch.float32, device=q.device)
     cfg = _config("importance", geom, q.dtype)
     block_r = 16 if triton_interpreter() else min(64, max(16, triton.next_power_of_2(n_rows)))
-    _importance_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch)](
-        q, k, bias, lse, rows, imp, cu_q, cu_k,
-        *_strides(q, geom.varlen), *_strides(k, geom.varlen), stride_bias_b,
-        geom.seqlen_q, geom.seqlen_k, geom.total_q, n_rows, geom.heads_kv, geom.group, geom.head_dim,
-        scale * _LOG2E, 1.0 / (geom.heads_q * n_rows),
-        HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=_precision(q),
-        BLOCK_R=block_r, BLOCK_D=_block_d(geom.head_dim), **cfg,
-    )
+    with _alloc.device_guard(q):
+        _importance_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch)](
+            q, k, bias, lse, rows, imp, cu_q, cu_k,
+            *_strides(q, geom.varlen), *_strides(k, geom.varlen), stride_bias_b,
+            geom.seqlen_q, geom.seqlen_k, geom.total_q, n_rows, geom.heads_kv, geom.group, geom.head_dim,
+            scale * _LOG2E, 1.0 / (geom.heads_q * n_rows),
+            HAS_BIAS=has_bias, CAUSAL=causal, VARLEN=geom.varlen, PRECISION=_precision(q),
+            BLOCK_R=block_r, BLOCK_D=_block_d(geom.head_dim), **cfg,
+        )
     return imp

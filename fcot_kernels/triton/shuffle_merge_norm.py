@@ -1,10 +1,17 @@
-"""Triton kernels for pixel shuffle + token merge + LayerNorm, and their launchers.
+"""Triton kernels for pixel shuffle + token merge (avg or per-channel weighted) + LayerNorm.
 
-One program owns one output row (forward) or a contiguous run of rows (backward). A row of
-width W = r*r*C is held as an (r*r, C) tile: segment k = di*r + dj is channel-contiguous in
-ViT patch (i*r + di, j*r + dj), so the pixel-shuffle gather is r*r contiguous loads per merge
-member and x is read exactly once; the shuffled/merged tokens never touch device memory.
-Statistics and accumulations are fp32.
+The merge + LayerNorm kernels here serve two ops: ``shuffle_merge_norm`` (avg merge, the
+launchers ``forward``/``backward`` at the end) and ``compress_project`` (which adds the
+learnable dwconv merge and, with an identity geometry, the LayerNorm after its conv GEMM).
+
+Addressing: ``U (rows, merge*W)`` is the *virtual* matrix of merge windows (row = output
+token, columns = the window's pixel-shuffled tokens of width ``W = r*r*C`` concatenated in
+row-major member order). U is never materialised: x's address of ``U[row, col]`` is
+``_u_row_off(row) + _u_col_off(col)``; segment k = di*r + dj of a shuffled token is
+channel-contiguous in ViT patch (i*r + di, j*r + dj), as transformers' pixel_shuffle lays it
+out. One program owns one output row (forward) or a contiguous run of rows (backward), held
+as an (r*r, next_pow2(C)) fp32 tile: x is read once, the output written once, statistics and
+accumulations are fp32. Windows tile the grid, so the backward scatters dx without atomics.
 """
 
 from __future__ import annotations
@@ -16,14 +23,12 @@ import triton.language as tl
 from .. import _alloc
 from .._validation import ShuffleGeometry
 
+MODE_AVG, MODE_DWCONV = 0, 1
+
 
 @triton.jit
-def _patch_offsets(
-    row,  # int64 output row
-    seg_i,  # (R2P,) di of each segment
-    seg_j,  # (R2P,) dj of each segment
-    mi,
-    mj,
+def _u_row_off(
+    row,  # (BLOCK,) int64 output-token indices
     tokens_out,
     out_w,
     grid_w,
@@ -33,20 +38,39 @@ def _patch_offsets(
     MH: tl.constexpr,
     MW: tl.constexpr,
 ):
-    # Start of each segment's C channels for window member (mi, mj) of `row`.
+    # x offset of the window's top-left patch: tile + merged-grid cell.
     t = row // tokens_out
     o = row % tokens_out
-    i = ((o // out_w) * MH + mi) * R + seg_i
-    j = ((o % out_w) * MW + mj) * R + seg_j
-    return t * stride_t + (i * grid_w + j).to(tl.int64) * stride_n
+    return t * stride_t + (((o // out_w) * MH * R) * grid_w + (o % out_w) * MW * R).to(tl.int64) * stride_n
 
 
 @triton.jit
-def _smn_fwd_kernel(
+def _u_col_off(
+    col,  # (BLOCK,) column of U: member * W + segment * C + channel
+    C,
+    W,
+    grid_w,
+    stride_n,
+    stride_c,
+    R: tl.constexpr,
+    MW: tl.constexpr,
+):
+    m = col // W
+    kk = col % W
+    seg = kk // C
+    c = kk % C
+    cell = ((m // MW) * R + seg // R) * grid_w + (m % MW) * R + seg % R
+    return cell.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+
+
+@triton.jit
+def _merge_ln_fwd_kernel(
     x_ptr,  # (tiles, grid_h*grid_w, C), any strides
-    w_ptr,  # (R*R*C,)
-    b_ptr,  # (R*R*C,)
-    out_ptr,  # (rows, R*R*C) contiguous
+    mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
+    mb_ptr,  # (W,) merge bias; unused unless HAS_MB
+    w_ptr,  # (W,) LayerNorm weight
+    b_ptr,  # (W,) LayerNorm bias
+    h_ptr,  # (rows, W) contiguous, normalised tokens
     mean_ptr,  # (rows,) fp32
     rstd_ptr,  # (rows,) fp32
     stride_xt,
@@ -61,42 +85,53 @@ def _smn_fwd_kernel(
     R2P: tl.constexpr,  # next power of two >= R*R
     MH: tl.constexpr,
     MW: tl.constexpr,
+    MODE: tl.constexpr,  # 0 avg, 1 dwconv
+    HAS_MB: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     seg = tl.arange(0, R2P)
     c = tl.arange(0, BLOCK_C)
     mask = (seg < R * R)[:, None] & (c < C)[None, :]
-    acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    for mi in tl.static_range(MH):
-        for mj in tl.static_range(MW):
-            base = _patch_offsets(row, seg // R, seg % R, mi, mj, tokens_out, out_w, grid_w,
-                                  stride_xt, stride_xn, R, MH, MW)
-            acc += tl.load(x_ptr + base[:, None] + c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
     width = R * R * C
-    z = acc / (MH * MW)
-    mean = tl.sum(tl.sum(z, axis=1), axis=0) / width
-    d = tl.where(mask, z - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + eps)
     ch = seg[:, None] * C + c[None, :]
+    # The row as an (R*R, C) tile: segment k is contiguous in patch (i*R + k//R, j*R + k%R).
+    base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
+    acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
+    for m in tl.static_range(MH * MW):
+        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 1:
+            xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
+        acc += xm
+    if MODE == 0:
+        acc = acc / (MH * MW)
+    if HAS_MB:
+        acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / width
+    d = tl.where(mask, acc - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + eps)
     w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    y = d * rstd * w + b
-    tl.store(out_ptr + row * width + ch, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + row * width + ch, (d * rstd * w + b).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _smn_bwd_kernel(
+def _merge_ln_bwd_kernel(
     x_ptr,  # (tiles, grid_h*grid_w, C), any strides
-    w_ptr,  # (R*R*C,)
-    dy_ptr,  # (rows, R*R*C) contiguous
+    mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
+    mb_ptr,  # (W,) merge bias; unused unless HAS_MB
+    w_ptr,  # (W,) LayerNorm weight
+    dh_ptr,  # (rows, W) contiguous, gradient of the LayerNorm output
     mean_ptr,  # (rows,) fp32
     rstd_ptr,  # (rows,) fp32
     dx_ptr,  # (tiles, grid_h*grid_w, C) contiguous; unused unless COMPUTE_DX
-    dw_ptr,  # (programs, R*R*C) fp32 partial sums
-    db_ptr,  # (programs, R*R*C) fp32 partial sums
+    dw_ptr,  # (programs, W) fp32 partial sums of dgamma
+    db_ptr,  # (programs, W) fp32 partial sums of dbeta
+    dmw_ptr,  # (programs, MH*MW, W) fp32 partial sums; unused unless COMPUTE_DMW
+    dmb_ptr,  # (programs, W) fp32 partial sums; unused unless COMPUTE_DMB
     stride_xt,
     stride_xn,
     stride_xc,
@@ -111,8 +146,12 @@ def _smn_bwd_kernel(
     R2P: tl.constexpr,
     MH: tl.constexpr,
     MW: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_MB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
+    COMPUTE_DMW: tl.constexpr,
+    COMPUTE_DMB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = tl.arange(0, R2P)
@@ -122,38 +161,69 @@ def _smn_bwd_kernel(
     ch = seg[:, None] * C + c[None, :]
     dw = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     db = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
+    dmb = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for row in range(start, end):
+        base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
         acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-        for mi in tl.static_range(MH):
-            for mj in tl.static_range(MW):
-                base = _patch_offsets(row, seg // R, seg % R, mi, mj, tokens_out, out_w, grid_w,
-                                      stride_xt, stride_xn, R, MH, MW)
-                acc += tl.load(x_ptr + base[:, None] + c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        xhat = (acc / (MH * MW) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, xhat, 0.0)
-        dy = tl.load(dy_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
+        for m in tl.static_range(MH * MW):
+            off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+            xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if MODE == 1:
+                xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
+            acc += xm
+        if MODE == 0:
+            acc = acc / (MH * MW)
+        if HAS_MB:
+            acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(mask, (acc - tl.load(mean_ptr + row)) * rstd, 0.0)
+        dy = tl.load(dh_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
-        if COMPUTE_DX:
-            # weight is re-read per row (an L1/L2 hit) rather than held: one row tile fewer live.
+        if COMPUTE_DX or COMPUTE_DMW or COMPUTE_DMB:
+            # The LayerNorm weight is re-read per row (an L1/L2 hit) rather than held: one
+            # row tile fewer live, which is what keeps the 6B width from spilling.
             g = dy * tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
             m1 = tl.sum(tl.sum(g, axis=1), axis=0) / width
             m2 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
-            # Every window member receives an equal share of the merged token's gradient.
-            dz = (g - m1 - xhat * m2) * tl.load(rstd_ptr + row) / (MH * MW)
-            dz = dz.to(dx_ptr.dtype.element_ty)
-            for mi in tl.static_range(MH):
-                for mj in tl.static_range(MW):
-                    base = _patch_offsets(row, seg // R, seg % R, mi, mj, tokens_out, out_w, grid_w,
-                                          grid_hw * C, C, R, MH, MW)
-                    tl.store(dx_ptr + base[:, None] + c[None, :], dz, mask=mask)
+            dz = tl.where(mask, (g - m1 - xhat * m2) * rstd, 0.0)
+            if COMPUTE_DMB:
+                dmb += dz
+            if COMPUTE_DX or COMPUTE_DMW:
+                dbase = _u_row_off(row, tokens_out, out_w, grid_w, grid_hw * C, C, R, MH, MW)
+                for m in tl.static_range(MH * MW):
+                    if COMPUTE_DMW:
+                        # Re-read the member (an L1/L2 hit) instead of holding merge tiles in registers.
+                        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+                        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                        # This program's partial sum lives in its own slice of dmw (first row: start it).
+                        prev = tl.load(dmw_ptr + (pid * MH * MW + m) * width + ch, mask=mask, other=0.0)
+                        prev = tl.where(row > start, prev, 0.0)
+                        tl.store(dmw_ptr + (pid * MH * MW + m) * width + ch, prev + dz * xm, mask=mask)
+                    if COMPUTE_DX:
+                        if MODE == 1:
+                            dxm = dz * tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
+                        else:
+                            dxm = dz / (MH * MW)
+                        doff = dbase + _u_col_off(m * width + ch, C, width, grid_w, C, 1, R, MW)
+                        tl.store(dx_ptr + doff, dxm.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * width + ch, dw, mask=mask)
     tl.store(db_ptr + pid * width + ch, db, mask=mask)
+    if COMPUTE_DMB:
+        tl.store(dmb_ptr + pid * width + ch, dmb, mask=mask)
 
 
-def _meta(geom: ShuffleGeometry) -> dict:
+# ----------------------------------------------------------------------------- launchers
+
+
+def identity_geometry(rows: int, width: int) -> ShuffleGeometry:
+    """A row-wise op on ``(rows, width)`` expressed as a shuffle geometry (no shuffle, no merge)."""
+    return ShuffleGeometry(rows, 1, 1, width, 1, 1)
+
+
+def _ln_meta(geom: ShuffleGeometry) -> dict:
     block_c = triton.next_power_of_2(geom.channels)
     r2p = triton.next_power_of_2(geom.r * geom.r)
     mh, mw = geom.window
@@ -169,21 +239,98 @@ def _num_programs(x: torch.Tensor, rows: int) -> int:
     return max(1, min(rows, 4))  # interpreter: few programs, same code path
 
 
+def merge_ln_forward(
+    x: torch.Tensor,
+    merge_weight: torch.Tensor | None,
+    merge_bias: torch.Tensor | None,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    geom: ShuffleGeometry,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h (rows, W)`` = LayerNorm(merge(shuffle(x))) in x.dtype, with fp32 per-row mean/rstd."""
+    h = _alloc.empty((geom.rows, geom.width), dtype=x.dtype, device=x.device)
+    mean = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
+    rstd = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
+    ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
+    merge_weight = merge_weight.contiguous() if merge_weight is not None else None
+    merge_bias = merge_bias.contiguous() if merge_bias is not None else None
+    with _alloc.device_guard(x):
+        _merge_ln_fwd_kernel[(geom.rows,)](
+            x,
+            merge_weight if merge_weight is not None else ln_weight,
+            merge_bias if merge_bias is not None else ln_weight,
+            ln_weight, ln_bias, h, mean, rstd,
+            x.stride(0), x.stride(1), x.stride(2),
+            geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, eps,
+            MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
+            HAS_MB=merge_bias is not None,
+            **_ln_meta(geom),
+        )
+    return h, mean, rstd
+
+
+def merge_ln_backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    merge_weight: torch.Tensor | None,
+    merge_bias: torch.Tensor | None,
+    ln_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    geom: ShuffleGeometry,
+    *,
+    compute_dx: bool,
+    compute_dmw: bool,
+    compute_dmb: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dx, dln_weight, dln_bias, dmerge_weight, dmerge_bias)``; dx in x's shape (contiguous,
+    x.dtype), the parameter gradients in fp32; entries not asked for are None."""
+    programs = _num_programs(x, geom.rows)
+    rows_per_program = triton.cdiv(geom.rows, programs)
+    programs = triton.cdiv(geom.rows, rows_per_program)
+    members = geom.merge
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
+    dw = _alloc.empty((programs, geom.width), **f32)
+    db = _alloc.empty((programs, geom.width), **f32)
+    dmw = _alloc.empty((programs, members, geom.width), **f32) if compute_dmw else None
+    dmb = _alloc.empty((programs, geom.width), **f32) if compute_dmb else None
+    ln_weight, dh = ln_weight.contiguous(), dh.contiguous()
+    merge_weight = merge_weight.contiguous() if merge_weight is not None else None
+    merge_bias = merge_bias.contiguous() if merge_bias is not None else None
+    with _alloc.device_guard(x):
+        _merge_ln_bwd_kernel[(programs,)](
+            x,
+            merge_weight if merge_weight is not None else ln_weight,
+            merge_bias if merge_bias is not None else ln_weight,
+            ln_weight, dh, mean, rstd,
+            dx if dx is not None else dw, dw, db,
+            dmw if dmw is not None else dw,
+            dmb if dmb is not None else dw,
+            x.stride(0), x.stride(1), x.stride(2),
+            geom.rows, rows_per_program, geom.tokens_out, geom.out_grid[1], geom.grid_w,
+            geom.grid_h * geom.grid_w, geom.channels,
+            MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
+            HAS_MB=merge_bias is not None,
+            COMPUTE_DX=compute_dx, COMPUTE_DMW=compute_dmw, COMPUTE_DMB=compute_dmb,
+            **_ln_meta(geom),
+        )
+    return (
+        dx,
+        dw.sum(0),
+        db.sum(0),
+        dmw.sum(0) if dmw is not None else None,
+        dmb.sum(0) if dmb is not None else None,
+    )
+
+
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, geom: ShuffleGeometry, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``out (tiles, tokens_out, W)`` in x.dtype and fp32 ``mean``/``rstd`` per row."""
-    out = _alloc.empty((geom.tiles, geom.tokens_out, geom.width), dtype=x.dtype, device=x.device)
-    mean = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    rstd = _alloc.empty((geom.rows,), dtype=torch.float32, device=x.device)
-    with _alloc.device_guard(x):
-        _smn_fwd_kernel[(geom.rows,)](
-            x, weight.contiguous(), bias.contiguous(), out, mean, rstd,
-            x.stride(0), x.stride(1), x.stride(2),
-            geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, eps,
-            **_meta(geom),
-        )
-    return out, mean, rstd
+    """shuffle_merge_norm: ``out (tiles, tokens_out, W)`` in x.dtype and fp32 ``mean``/``rstd`` per row."""
+    out, mean, rstd = merge_ln_forward(x, None, None, weight, bias, geom, eps)
+    return out.view(geom.tiles, geom.tokens_out, geom.width), mean, rstd
 
 
 def backward(
@@ -195,20 +342,9 @@ def backward(
     geom: ShuffleGeometry,
     compute_dx: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Returns ``dx`` (contiguous, x.dtype; None unless ``compute_dx``) and fp32 ``dweight``/``dbias``."""
-    dy = dy.contiguous()
-    programs = _num_programs(x, geom.rows)
-    rows_per_program = triton.cdiv(geom.rows, programs)
-    programs = triton.cdiv(geom.rows, rows_per_program)
-    dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
-    dw = _alloc.empty((programs, geom.width), dtype=torch.float32, device=x.device)
-    db = _alloc.empty((programs, geom.width), dtype=torch.float32, device=x.device)
-    with _alloc.device_guard(x):
-        _smn_bwd_kernel[(programs,)](
-            x, weight.contiguous(), dy, mean, rstd, dx if compute_dx else dy, dw, db,
-            x.stride(0), x.stride(1), x.stride(2),
-            geom.rows, rows_per_program, geom.tokens_out, geom.out_grid[1], geom.grid_w,
-            geom.grid_h * geom.grid_w, geom.channels,
-            COMPUTE_DX=compute_dx, **_meta(geom),
-        )
-    return dx, dw.sum(0), db.sum(0)
+    """shuffle_merge_norm: ``dx`` (contiguous, x.dtype; None unless ``compute_dx``) and fp32 ``dweight``/``dbias``."""
+    dx, dw, db, _, _ = merge_ln_backward(
+        dy.reshape(geom.rows, geom.width), x, None, None, weight, mean, rstd, geom,
+        compute_dx=compute_dx, compute_dmw=False, compute_dmb=False,
+    )
+    return dx, dw, db
