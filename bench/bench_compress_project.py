@@ -1,8 +1,9 @@
 """Benchmark of fcot_kernels.compress_project (pixel shuffle + merge + InternVL projector).
 
-Providers: ``eager`` is the transformers-style path (pixel shuffle, then the merge as separate
-pooling / conv ops, then LayerNorm -> Linear -> GELU -> Linear as separate modules' ops: the
-reference), ``compile`` is torch.compile of it (default mode), ``triton`` the fused op. Every
+Providers: ``eager`` is what a transformers model runs today: ``InternVLModel.pixel_shuffle``,
+then the merge as a separate ``avg_pool2d`` / ``conv2d``, then transformers'
+``InternVLMultiModalProjector`` (LayerNorm -> Linear -> GELU -> Linear) with the same weights;
+``compile`` is torch.compile of that path (default mode); ``triton`` the fused op. Every
 weight and x require grad in backward/full (the re-training setting of FCoT-VL is a subset).
 
 FLOPs count the GEMMs only: forward ``2*rows*(merge*W*W [conv] + W*H + H*O)``; backward twice
@@ -16,9 +17,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fcot_kernels as fk
-from fcot_kernels.reference import avg_merge_weight, compress_project_ref
+from fcot_kernels.reference import avg_merge_weight
 
 from .harness import Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
 from .models import MODELS, TILE_COUNTS, TILE_GRID
@@ -50,6 +52,43 @@ def flops(shape: dict, mode: str) -> float:
     return {"forward": fwd, "backward": 2 * fwd, "full": 3 * fwd}[mode]
 
 
+def _transformers_path(x: torch.Tensor, shape: dict, p: dict):
+    """transformers' own modules and ops around the given parameters (shared, so their grads
+    are what backward computes): pixel shuffle -> pooling or conv -> the InternVL projector."""
+    try:
+        import transformers
+        from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+    except ImportError as err:
+        raise Skip(f"transformers' InternVL is not importable ({err})") from err
+    c, hidden, (gh, gw), kind = shape["channels"], shape["hidden"], shape["grid"], shape["mode"]
+    cfg = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=c, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1),
+        text_config=dict(model_type="qwen2", hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1),
+        downsample_ratio=0.5, projector_hidden_act="gelu",
+    )
+    proj = InternVLMultiModalProjector(cfg).to(x.device, x.dtype)
+    proj.layer_norm.weight, proj.layer_norm.bias = torch.nn.Parameter(p["ln_weight"]), torch.nn.Parameter(p["ln_bias"])
+    proj.linear_1.weight, proj.linear_1.bias = torch.nn.Parameter(p["w1"]), torch.nn.Parameter(p["b1"])
+    proj.linear_2.weight, proj.linear_2.bias = torch.nn.Parameter(p["w2"]), torch.nn.Parameter(p["b2"])
+    kh, kw = {1: (1, 1), 2: (1, 2), 4: (2, 2)}[shape["merge"]]
+    width = 4 * c
+
+    def forward() -> torch.Tensor:
+        y = InternVLModel.pixel_shuffle(None, x.reshape(x.shape[0], gh, gw, c), scale_factor=0.5)
+        y = y.permute(0, 3, 1, 2)
+        if kind == "conv":
+            # merge_weight's columns are the window members (row-major) concatenated: a Conv2d
+            # weight [out, in, kh, kw] is the same numbers viewed differently.
+            w = p["merge_weight"].view(width, kh, kw, width).permute(0, 3, 1, 2)
+            y = F.conv2d(y, w, p["merge_bias"], stride=(kh, kw))
+        else:
+            y = F.avg_pool2d(y, (kh, kw))
+        return proj(y.flatten(2).transpose(1, 2))
+
+    return forward
+
+
 def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: torch.device) -> Case:
     if provider == "triton" and device.type != "cuda":
         raise Skip("no GPU (interpreter timings mean nothing)")
@@ -72,15 +111,13 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
         p["merge_bias"] = param(width, std=0.1)
     kwargs = dict(grid=(gh, gw), scale=0.5, merge=merge, mode=kind, **p)
     if provider in ("eager", "compile"):
-        ref = eager_and_compiled(compress_project_ref, provider)
-        forward = lambda: ref(x, **kwargs)  # noqa: E731
+        forward = eager_and_compiled(_transformers_path(x, shape, p), provider)
     else:
         forward = lambda: fk.compress_project(x, backend=provider, **kwargs)  # noqa: E731
     weights = sum(t.numel() for t in p.values()) * x.element_size()
     rows = tiles * gh * gw // 4 // merge
     moved = x.numel() * x.element_size() + rows * out * x.element_size() + weights
     return Case(fn=make_mode_fn(forward, mode, [x, *p.values()]), bytes=moved, flops=flops(shape, mode))
-
 
 
 @pytest.mark.parametrize("mode", MODES)
