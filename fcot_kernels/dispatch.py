@@ -133,7 +133,8 @@ def resolve(op: str, backend: str | None, x: torch.Tensor, *, has_cuda: bool, cu
             raise BackendUnavailableError(f"{op}: backend='cuda' requested but {reason}")
         if not on_gpu:
             raise BackendUnavailableError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {x.device}")
-    if (op, name) not in _logged:
+    # Dynamo cannot trace a Logger call (a graph break): log from eager calls only.
+    if not torch.compiler.is_compiling() and (op, name) not in _logged:
         _logged.add((op, name))
         log.debug("%s runs on backend %r (device %s)", op, name, x.device)
     return name

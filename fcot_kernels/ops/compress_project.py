@@ -1,15 +1,18 @@
 """``compress_project``: pixel shuffle + token merge + LayerNorm + Linear + GELU + Linear, the
 whole InternVL projector path from ViT patch tokens to LLM-width embeddings, fused.
 
-The autograd function orchestrates the Triton launchers of
+The forward and backward are ``torch.library`` custom ops (``fcot::cproj_fwd``,
+``fcot::cproj_bwd``) that orchestrate the Triton launchers of
 :mod:`fcot_kernels.triton.compress_project` (see ``docs/kernels.md`` for the design, bytes and
-FLOPs). Gradients are computed only for inputs that require them: a frozen weight costs no
-GEMM, and when nothing below a GEMM needs a gradient that GEMM is skipped.
+FLOPs), so that torch.compile treats them as opaque nodes with known output shapes. Gradients
+are computed only for inputs that require them: a frozen weight costs no GEMM, and when nothing
+below a GEMM needs a gradient that GEMM is skipped.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
@@ -17,82 +20,169 @@ from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_choice, check_pos
 from ..dispatch import resolve
 from ..reference.compress_project import ACTS, MODES, compress_project_ref
 
+# The tensors that can receive a gradient, in the order of cproj_fwd's first nine arguments
+# and of cproj_bwd's outputs.
+GRAD_INPUTS = ("x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "merge_weight", "merge_bias")
+
 
 def _impl(backend: str):
     return importlib.import_module(f"fcot_kernels.{backend}.compress_project")
+
+
+def _geom(x: torch.Tensor, grid_h: int, grid_w: int, r: int, merge: int) -> ShuffleGeometry:
+    return ShuffleGeometry(x.shape[0], grid_h, grid_w, x.shape[2], r, merge)
 
 
 def _sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.sum(0, dtype=torch.float32).to(dtype)
 
 
-class _CompressProject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias, geom, mode, eps, act, backend):
-        impl = _impl(backend)
-        training = any(ctx.needs_input_grad[:9])
-        z = None
-        if mode == "conv":
-            z = impl.conv_forward(x, merge_weight, merge_bias, geom)
-            ident = impl.identity_geometry(geom.rows, geom.width)
-            h, mean, rstd = impl.merge_ln_forward(z.view(geom.rows, 1, geom.width), None, None, ln_weight, ln_bias, ident, eps)
-        else:
-            h, mean, rstd = impl.merge_ln_forward(x, merge_weight, merge_bias, ln_weight, ln_bias, geom, eps)
-        a, u = impl.linear_act(h, w1, b1, act, save_pre=training)
-        out = torch.addmm(b2, a, w2.t())  # nothing to fuse: cuBLAS with its bias epilogue
-        if training:
-            ctx.save_for_backward(x, ln_weight, w1, w2, merge_weight, merge_bias, h, u, a, z, mean, rstd)
-            ctx.meta = (geom, mode, act, backend)
-        return out.view(geom.tiles, geom.tokens_out, w2.shape[0])
+@torch.library.custom_op("fcot::cproj_fwd", mutates_args=())
+def _cproj_fwd(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    merge_weight: Optional[torch.Tensor],
+    merge_bias: Optional[torch.Tensor],
+    grid_h: int,
+    grid_w: int,
+    r: int,
+    merge: int,
+    mode: str,
+    eps: float,
+    act: str,
+    backend: str,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, h, u, a, z, mean, rstd)``: the output and what the backward needs. ``u`` (the
+    pre-activation) is kept only when ``training`` and ``z`` (the conv output) only for conv;
+    otherwise they are empty, so inference holds no extra ``(rows, hidden)`` tensor."""
+    impl = _impl(backend)
+    geom = _geom(x, grid_h, grid_w, r, merge)
+    if mode == "conv":
+        z = impl.conv_forward(x, merge_weight, merge_bias, geom)
+        ident = impl.identity_geometry(geom.rows, geom.width)
+        h, mean, rstd = impl.merge_ln_forward(z.view(geom.rows, 1, geom.width), None, None, ln_weight, ln_bias, ident, eps)
+    else:
+        z = x.new_empty(0)
+        h, mean, rstd = impl.merge_ln_forward(x, merge_weight, merge_bias, ln_weight, ln_bias, geom, eps)
+    a, u = impl.linear_act(h, w1, b1, act, save_pre=training)
+    out = torch.addmm(b2, a, w2.t())  # nothing to fuse: cuBLAS with its bias epilogue
+    u = u if u is not None else x.new_empty(0)
+    return out.view(geom.tiles, geom.tokens_out, w2.shape[0]), h, u, a, z, mean, rstd
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, ln_weight, w1, w2, merge_weight, merge_bias, h, u, a, z, mean, rstd = ctx.saved_tensors
-        geom, mode, act, backend = ctx.meta
-        impl = _impl(backend)
-        need_x, need_lnw, need_lnb, need_w1, need_b1, need_w2, need_b2, need_mw, need_mb = ctx.needs_input_grad[:9]
-        dout = dout.reshape(geom.rows, w2.shape[0]).contiguous()
-        grads = dict.fromkeys(("x", "lnw", "lnb", "w1", "b1", "w2", "b2", "mw", "mb"))
-        if need_w2:
-            grads["w2"] = torch.mm(dout.t(), a)
-        if need_b2:
-            grads["b2"] = _sum_rows(dout, w2.dtype)
-        below_merge = need_x or need_mw or need_mb
-        below_ln = below_merge or need_lnw or need_lnb
-        if below_ln or need_w1 or need_b1:
-            du = impl.linear_act_grad(dout, w2, u, act)
-            if need_w1:
-                grads["w1"] = torch.mm(du.t(), h)
-            if need_b1:
-                grads["b1"] = _sum_rows(du, w1.dtype)
-            if below_ln:
-                dh = torch.mm(du, w1)
-                if mode == "conv":
-                    ident = impl.identity_geometry(geom.rows, geom.width)
-                    dz, dlnw, dlnb, _, _ = impl.merge_ln_backward(
-                        dh, z.view(geom.rows, 1, geom.width), None, None, ln_weight, mean, rstd, ident,
-                        compute_dx=below_merge, compute_dmw=False, compute_dmb=False,
-                    )
-                    if below_merge:
-                        dz = dz.view(geom.rows, geom.width)
-                        grads["x"], grads["mw"] = impl.conv_backward(dz, x, merge_weight, geom, compute_dx=need_x, compute_dmw=need_mw)
-                        if need_mb:
-                            grads["mb"] = _sum_rows(dz, merge_bias.dtype)
-                    dmw = grads["mw"]
-                    dmb = grads["mb"]
-                else:
-                    grads["x"], dlnw, dlnb, dmw, dmb = impl.merge_ln_backward(
-                        dh, x, merge_weight, merge_bias, ln_weight, mean, rstd, geom,
-                        compute_dx=need_x, compute_dmw=need_mw, compute_dmb=need_mb,
-                    )
-                grads["lnw"] = dlnw.to(ln_weight.dtype) if need_lnw else None
-                grads["lnb"] = dlnb.to(ln_weight.dtype) if need_lnb else None
-                grads["mw"] = dmw.to(merge_weight.dtype) if need_mw else None
-                grads["mb"] = dmb.to(merge_bias.dtype) if need_mb else None
-        g = grads
-        if g["x"] is not None and not need_x:
-            g["x"] = None
-        return g["x"], g["lnw"], g["lnb"], g["w1"], g["b1"], g["w2"], g["b2"], g["mw"], g["mb"], None, None, None, None, None
+
+@_cproj_fwd.register_fake
+def _(x, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias, grid_h, grid_w, r, merge, mode, eps, act, backend, training):
+    geom = _geom(x, grid_h, grid_w, r, merge)
+    hidden = w1.shape[0]
+    out = x.new_empty((geom.tiles, geom.tokens_out, w2.shape[0]))
+    h = x.new_empty((geom.rows, geom.width))
+    u = x.new_empty((geom.rows, hidden) if training else (0,))
+    z = x.new_empty((geom.rows, geom.width) if mode == "conv" else (0,))
+    mean = x.new_empty((geom.rows,), dtype=torch.float32)
+    return out, h, u, x.new_empty((geom.rows, hidden)), z, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("fcot::cproj_bwd", mutates_args=())
+def _cproj_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    merge_weight: Optional[torch.Tensor],
+    merge_bias: Optional[torch.Tensor],
+    h: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    r: int,
+    merge: int,
+    mode: str,
+    act: str,
+    backend: str,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the nine tensor inputs (order of ``GRAD_INPUTS``), each in its input's
+    dtype; one not asked for in ``need`` is an empty tensor and costs nothing."""
+    impl = _impl(backend)
+    geom = _geom(x, grid_h, grid_w, r, merge)
+    need_x, need_lnw, need_lnb, need_w1, need_b1, need_w2, need_b2, need_mw, need_mb = need
+    dout = dout.reshape(geom.rows, w2.shape[0]).contiguous()
+    grads = dict.fromkeys(GRAD_INPUTS)
+    if need_w2:
+        grads["w2"] = torch.mm(dout.t(), a)
+    if need_b2:
+        grads["b2"] = _sum_rows(dout, w2.dtype)
+    below_merge = need_x or need_mw or need_mb
+    below_ln = below_merge or need_lnw or need_lnb
+    if below_ln or need_w1 or need_b1:
+        du = impl.linear_act_grad(dout, w2, u, act)
+        if need_w1:
+            grads["w1"] = torch.mm(du.t(), h)
+        if need_b1:
+            grads["b1"] = _sum_rows(du, w1.dtype)
+        if below_ln:
+            dh = torch.mm(du, w1)
+            if mode == "conv":
+                ident = impl.identity_geometry(geom.rows, geom.width)
+                dz, dlnw, dlnb, _, _ = impl.merge_ln_backward(
+                    dh, z.view(geom.rows, 1, geom.width), None, None, ln_weight, mean, rstd, ident,
+                    compute_dx=below_merge, compute_dmw=False, compute_dmb=False,
+                )
+                if below_merge:
+                    dz = dz.view(geom.rows, geom.width)
+                    grads["x"], dmw = impl.conv_backward(dz, x, merge_weight, geom, compute_dx=need_x, compute_dmw=need_mw)
+                    dmb = _sum_rows(dz, merge_bias.dtype) if need_mb else None
+            else:
+                grads["x"], dlnw, dlnb, dmw, dmb = impl.merge_ln_backward(
+                    dh, x, merge_weight, merge_bias, ln_weight, mean, rstd, geom,
+                    compute_dx=need_x, compute_dmw=need_mw, compute_dmb=need_mb,
+                )
+            # The LayerNorm and dwconv kernels reduce into fp32; hand back the parameter dtype.
+            if need_lnw:
+                grads["ln_weight"] = dlnw.to(ln_weight.dtype)
+            if need_lnb:
+                grads["ln_bias"] = dlnb.to(ln_weight.dtype)
+            if need_mw:
+                grads["merge_weight"] = dmw.to(merge_weight.dtype)
+            if need_mb:
+                grads["merge_bias"] = dmb.to(merge_bias.dtype)
+    # A custom op returns tensors only: an empty one stands for "no gradient".
+    return tuple(g if g is not None else x.new_empty(0) for g in grads.values())
+
+
+@_cproj_bwd.register_fake
+def _(dout, x, ln_weight, w1, w2, merge_weight, merge_bias, h, u, a, z, mean, rstd, grid_h, grid_w, r, merge, mode, act, backend, need):
+    # b1 and b2 are not inputs of the backward: their gradients take w1's and w2's row counts.
+    like = (x, ln_weight, ln_weight, w1, w1[:, 0], w2, w2[:, 0], merge_weight, merge_bias)
+    return tuple(t.new_empty(t.shape) if wanted else x.new_empty(0) for wanted, t in zip(need, like))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, ln_weight, _lnb, w1, _b1, w2, _b2, merge_weight, merge_bias, grid_h, grid_w, r, merge, mode, _eps, act, backend, _ = inputs
+    _, h, u, a, z, mean, rstd = output
+    ctx.mark_non_differentiable(h, u, a, z, mean, rstd)
+    ctx.save_for_backward(x, ln_weight, w1, w2, merge_weight, merge_bias, h, u, a, z, mean, rstd)
+    ctx.args = (grid_h, grid_w, r, merge, mode, act, backend)
+
+
+def _backward(ctx, dout, *_grads_of_saved):
+    need = [bool(n) for n in ctx.needs_input_grad[:9]]
+    grads = _cproj_bwd(dout, *ctx.saved_tensors, *ctx.args, need)
+    return (*(g if n else None for g, n in zip(grads, need)), *(None,) * 9)
+
+
+_cproj_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_weights(
@@ -212,4 +302,8 @@ def compress_project(
             x, grid=grid, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2, scale=scale,
             merge=merge, mode=mode, merge_weight=merge_weight, merge_bias=merge_bias, eps=eps, act=act,
         )
-    return _CompressProject.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias, geom, mode, eps, act, name)
+    tensors = (x, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias)
+    # Keep the pre-activation for the backward only when autograd will call it.
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, *_ = _cproj_fwd(*tensors, geom.grid_h, geom.grid_w, geom.r, geom.merge, mode, eps, act, name, training)
+    return out

@@ -287,6 +287,40 @@ def test_gradcheck_kernel_fp32(mode, merge, act):
     assert torch.autograd.gradcheck(fn(BACKENDS[0] if BACKENDS else "reference"), inputs, eps=2e-3, atol=2e-3, rtol=2e-2, fast_mode=True)
 
 
+# ----------------------------------------------------------------- torch.library and torch.compile
+
+
+@needs_backend
+@pytest.mark.parametrize("mode,merge", [("avg", 2), ("dwconv", 4), ("conv", 2)])
+def test_custom_op_registration_passes_opcheck(mode, merge):
+    """Schema, fake (meta) kernels and autograd registration of fcot::cproj_fwd (and, through
+    the autograd checks, fcot::cproj_bwd) agree with the real op."""
+    from fcot_kernels.ops.compress_project import _cproj_fwd
+
+    x, p = make_inputs(tiles=1, grid=(4, 4), channels=4, hidden=8, out=6, merge=merge, mode=mode)
+    x.requires_grad_()
+    weights = [p.get(k) for k in NAMES]
+    for w in weights:
+        if w is not None:
+            w.requires_grad_()
+    torch.library.opcheck(_cproj_fwd, (x, *weights, 4, 4, 2, merge, mode, 1e-5, "gelu", BACKENDS[0], True))
+
+
+@needs_backend
+def test_torch_compile_fullgraph_matches_eager():
+    """fullgraph=True fails on any graph break: compiled code sees the op as opaque nodes."""
+    x, p = make_inputs(tiles=2, grid=(4, 8), channels=4, hidden=8, out=6, merge=2, mode="conv")
+    kw = dict(grid=(4, 8), merge=2, mode="conv", backend=BACKENDS[0])
+    grad_out = torch.randn(2, 4, 6, device=DEVICE)
+    compiled = torch.compile(lambda x, **w: fk.compress_project(x, **w, **kw), backend="aot_eager", fullgraph=True)
+    y, grads = run(compiled, x, p, grad_out=grad_out)
+    y_eager, grads_eager = run(fk.compress_project, x, p, grad_out=grad_out, **kw)
+    torch.testing.assert_close(y, y_eager)
+    for name, g in grads.items():
+        assert g is not None, f"{name}: no gradient through the compiled graph"
+        torch.testing.assert_close(g, grads_eager[name], msg=lambda m, name=name: f"d{name}: {m}")
+
+
 # ----------------------------------------------------------------- avg initialisers
 
 
