@@ -24,6 +24,14 @@ def test_transformers_path_matches_the_reference(merge, mode):
         p["merge_weight"] = avg_merge_weight(mode, merge, width) + 0.1 * torch.randn(width, merge * width)
         p["merge_bias"] = 0.1 * torch.randn(width)
     shape = {"channels": c, "hidden": hidden, "grid": grid, "mode": mode, "merge": merge}
+    x.requires_grad_()
+    for t in p.values():
+        t.requires_grad_()
     got = _transformers_path(x, shape, p)()
     want = compress_project_ref(x, grid=grid, merge=merge, mode=mode, **p)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Gradients reach the benchmark's own tensors (what its backward mode differentiates).
+    dy = torch.randn_like(got)
+    inputs = (x, *p.values())
+    for g, e in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
