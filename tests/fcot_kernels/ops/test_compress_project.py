@@ -279,6 +279,7 @@ def test_gradcheck_reference_fp64(mode, merge, act):
 
 
 @needs_backend
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision:UserWarning")  # fp32 on purpose: no fp64 kernel
 @pytest.mark.parametrize("mode,merge,act", [("avg", 4, "gelu"), ("dwconv", 2, "gelu_tanh"), ("conv", 2, "gelu")])
 def test_gradcheck_kernel_fp32(mode, merge, act):
     """The op takes fp32/fp16/bf16 only (no fp64 kernels), so the kernel's own backward is checked
