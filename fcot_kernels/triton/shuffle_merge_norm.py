@@ -64,6 +64,43 @@ def _u_col_off(
 
 
 @triton.jit
+def _merged_row(
+    x_ptr,  # (tiles, grid_h*grid_w, C), any strides
+    mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
+    mb_ptr,  # (W,) merge bias; unused unless HAS_MB
+    base,  # int64 x offset of the row's window (from _u_row_off)
+    ch,  # (R2P, BLOCK_C) channel index within the row
+    mask,  # (R2P, BLOCK_C)
+    C,
+    grid_w,
+    stride_xn,
+    stride_xc,
+    R: tl.constexpr,
+    R2P: tl.constexpr,
+    MH: tl.constexpr,
+    MW: tl.constexpr,
+    MODE: tl.constexpr,  # 0 avg, 1 dwconv
+    HAS_MB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # The merged row as an fp32 (R*R, C) tile: segment k of each window member is contiguous
+    # in patch (i*R + k//R, j*R + k%R), so each member costs R*R contiguous loads.
+    width = R * R * C
+    acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
+    for m in tl.static_range(MH * MW):
+        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 1:
+            xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
+        acc += xm
+    if MODE == 0:
+        acc = acc / (MH * MW)
+    if HAS_MB:
+        acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _merge_ln_fwd_kernel(
     x_ptr,  # (tiles, grid_h*grid_w, C), any strides
     mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
@@ -95,19 +132,9 @@ def _merge_ln_fwd_kernel(
     mask = (seg < R * R)[:, None] & (c < C)[None, :]
     width = R * R * C
     ch = seg[:, None] * C + c[None, :]
-    # The row as an (R*R, C) tile: segment k is contiguous in patch (i*R + k//R, j*R + k%R).
     base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-    acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-    for m in tl.static_range(MH * MW):
-        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
-        xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
-        acc += xm
-    if MODE == 0:
-        acc = acc / (MH * MW)
-    if HAS_MB:
-        acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, ch, mask, C, grid_w, stride_xn, stride_xc,
+                      R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / width
     d = tl.where(mask, acc - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + eps)
@@ -166,17 +193,8 @@ def _merge_ln_bwd_kernel(
     end = tl.minimum(start + rows_per_program, rows)
     for row in range(start, end):
         base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-        acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
-        for m in tl.static_range(MH * MW):
-            off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
-            xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            if MODE == 1:
-                xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
-            acc += xm
-        if MODE == 0:
-            acc = acc / (MH * MW)
-        if HAS_MB:
-            acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+        acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, ch, mask, C, grid_w, stride_xn, stride_xc,
+                          R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.where(mask, (acc - tl.load(mean_ptr + row)) * rstd, 0.0)
         dy = tl.load(dh_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
