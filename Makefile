@@ -5,7 +5,8 @@ VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # torch 2.13.0 resolves to the local CPU wheel on these machines; an unpinned torch pulls several GB.
-DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel
+DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel \
+           accelerate peft safetensors pillow tqdm matplotlib pyyaml
 SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
 .PHONY: env install demo test test-fast bench bench-pytest clean
