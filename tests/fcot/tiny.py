@@ -20,12 +20,14 @@ def _tokenizer_object():
     return tok.to_str()
 
 
-def tiny_tokenizer(bos: bool = True):
-    """A PreTrainedTokenizerFast over bytes with <img>, </img>, <IMG_CONTEXT> and the chat markers."""
+def tiny_tokenizer(bos: bool = True, image_tokens: bool = True):
+    """A PreTrainedTokenizerFast over bytes with <img>, </img>, <IMG_CONTEXT> (unless image_tokens=False)
+    and the chat markers."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_object()), pad_token="<pad>",
                                   bos_token="<s>" if bos else None)
-    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL if t not in ("<pad>", "<s>")]})
+    skip = {"<pad>", "<s>"} | (set() if image_tokens else {"<img>", "</img>", "<IMG_CONTEXT>"})
+    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL if t not in skip]})
     return tok
