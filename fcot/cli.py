@@ -3,6 +3,8 @@
 ``fcot demo`` is the main job on an embedded default (no downloads): random InternVL-shaped
 ViT tokens go through ``shuffle_merge_norm`` on every backend that can run here, each result
 is checked against the fp32 reference, and a table of backend, max error and time is printed.
+``fcot data synth`` writes synthetic text-rich documents with QA pairs (``fcot.data.synth``);
+``fcot merge`` averages checkpoints (``fcot.train.merge``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,66 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from fcot.data.synth import PRESETS, SynthConfig, synthesize
+
+    knobs = {k: getattr(args, k) for k in ("width", "height", "font_size", "density")}
+    settings = {**(PRESETS[args.preset] if args.preset else {}), **{k: v for k, v in knobs.items() if v is not None}}
+    cfg = SynthConfig(n=args.n, seed=args.seed, kinds=tuple(args.kinds), qa_per_image=args.qa_per_image, cot=args.cot,
+                      **settings)
+    summary = synthesize(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    per_token = summary["chars_per_visual_token"]
+    print(f"wrote {summary['records']} records to {args.out}/data.jsonl ({summary['kinds']}); "
+          f"{summary['tiles_per_image']} tiles and {summary['chars_per_image']} characters per image; "
+          f"characters per visual token at 256/128/64 tokens per tile: {per_token['256']}/{per_token['128']}/{per_token['64']}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fcot.train.merge import merge_checkpoints
+
+    out = merge_checkpoints(args.out, args.checkpoints, args.weights, overwrite=args.overwrite)
+    print(f"merged {len(args.checkpoints)} checkpoints into {out}")
+    return 0
+
+
+def _add_data(sub) -> None:
+    from fcot.data.synth import KINDS, PRESETS
+
+    data = sub.add_parser("data", help="training data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="render synthetic text-rich documents (grids, tables, bar charts, receipts) with QA pairs",
+                        description="Writes OUT/data.jsonl (InternVL conversation records), OUT/images/*.png and "
+                                    "OUT/synth.json; the same options and seed give byte-identical output.")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--n", type=int, required=True, help="number of images/records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="dense: 896px pages in 10px print, where dropping 75%% of the "
+                   "visual tokens loses text; sparse: one 448px tile in large print. Explicit flags override it.")
+    p.add_argument("--width", type=int, help="image width in pixels (default 896)")
+    p.add_argument("--height", type=int, help="image height in pixels (default 896)")
+    p.add_argument("--font-size", type=int, help="font height in pixels (default 12)")
+    p.add_argument("--density", type=float, help="fraction of the page filled with text, in (0, 1] (default 0.7)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="kinds of page to draw")
+    p.add_argument("--qa-per-image", type=int, default=2, help="question-answer turns per image")
+    p.add_argument("--cot", action="store_true", help="answer with a short rationale, then 'Answer: ...'")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_synth)
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="weighted average of several checkpoints (safetensors in and out)",
+                       description="Averages the tensors of CKPT folders (same keys, shapes and dtypes; checked first) "
+                                   "in fp32 and writes them in their dtype to OUT, with the first checkpoint's config "
+                                   "and other files.")
+    p.add_argument("out", help="output checkpoint folder (refused if it exists, unless --overwrite)")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (two or more)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per checkpoint, normalised to sum "
+                   "to 1 (default: equal)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT once the merge is complete")
+    p.set_defaults(run=_merge)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fcot", description="fcot-vl: FCoT-VL visual-token compression, kernel-accelerated")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    _add_data(sub)
+    _add_merge(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # Bad input (a config, a checkpoint, a path): one line naming what to fix, no traceback.
+        parser.exit(2, f"fcot {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":
