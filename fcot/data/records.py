@@ -277,7 +277,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     try:
                         where = f"{f.name}:{n}"
                         rec = parse_record(self._decode(line, where), where, root if root is not None else f.parent)
-                        if scan_images:
+                        if scan_images or not rec.images:
                             self._scan(rec)
                         self.records.append(rec)
                     except BadRecord as e:

@@ -184,15 +184,22 @@ def test_collator_pads_and_stacks(tmp_path, tok):
         ConversationCollator(pad_token_id=None)
 
 
-def test_usable_with_dataloader_and_workers(tmp_path, tok):
+def test_dataloader_workers_share_the_skip_count(tmp_path, tok):
     img = _png(tmp_path / "a.png", (448, 900))
+    full = tmp_path / "full.png"
+    _png(full, (300, 300), seed=4)
+    (tmp_path / "cut.png").write_bytes(full.read_bytes()[:200])
     records = [{"image": img, "conversations": _conv("<image>\nQ", f"A{k}")} for k in range(5)]
-    ds = ConversationDataset(_write(tmp_path / "d.jsonl", records), tok, make_tiler("internvl_chat"), tokens_per_tile=4)
+    records[2]["image"] = "cut.png"
+    ds = ConversationDataset(_write(tmp_path / "d.jsonl", records), tok, make_tiler("internvl_chat"), tokens_per_tile=4,
+                             skip_log_dir=tmp_path / "run")
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=ConversationCollator(tok.pad_token_id),
-                                         num_workers=0)
-    batches = list(loader)
-    assert [b["num_tiles"].tolist() for b in batches] == [[3, 3], [3, 3], [3]]
-    assert sum(b["pixel_values"].shape[0] for b in batches) == 15
+                                         num_workers=2)
+    for _ in range(2):  # two epochs: fresh workers meet the bad image again; it is still one bad record
+        batches = list(loader)
+        assert [b["num_tiles"].tolist() for b in batches] == [[3, 3], [3, 3], [3]]
+    s = ds.summary()  # the main process never decoded the image itself
+    assert s.skipped == {"corrupt_image": 1} and s.usable == 4 and "cut.png" in s.examples["corrupt_image"][0]
 
 
 def test_custom_template_and_no_answer_tokens(tmp_path, tok):
