@@ -157,6 +157,13 @@ def test_bad_arguments(tmp_path, tok):
         ConversationDataset(jsonl, tiny_tokenizer(image_tokens=False))
     with pytest.raises(ValueError, match="family='qwen'"):
         make_tiler("qwen")
+    from fcot.data.tiling import internvl_image_processor
+
+    with pytest.raises(ValueError, match="tile_size=224 but image_processor tiles at 448px"):
+        make_tiler("internvl", internvl_image_processor(448), tile_size=224)
+    with pytest.raises(ValueError, match="image_processor is for family='internvl'"):
+        make_tiler("internvl_chat", internvl_image_processor(448))
+    assert make_tiler("internvl", tile_size=224).tile_size == make_tiler("internvl_chat", tile_size=224).tile_size == 224
 
 
 def test_collator_pads_and_stacks(tmp_path, tok):
