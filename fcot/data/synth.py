@@ -316,7 +316,7 @@ def make_record(cfg: SynthConfig, index: int, font) -> tuple[Page, dict]:
     for k, (question, rationale, answer) in enumerate(page.qa):
         conversations.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
         conversations.append({"from": "gpt", "value": f"{rationale}\nAnswer: {answer}" if cfg.cot else answer})
-    tiles = num_tiles(cfg.width, cfg.height, max_tiles=12)
+    tiles = num_tiles(cfg.width, cfg.height, max_tiles=12)  # at InternVL's training setting, thumbnail included
     record = {"id": f"synth-{cfg.seed}-{index:06d}", "image": f"images/{index:06d}.png", "conversations": conversations,
               "meta": {"kind": kind, "chars": page.chars, "tiles": tiles, "answers": [a for _, _, a in page.qa]}}
     return page, record
