@@ -144,6 +144,12 @@ def merge_checkpoints(out: str | os.PathLike, checkpoints: Sequence[str | os.Pat
         raise MergeError(f"out={str(out)!r} is one of the input checkpoints: write the merge to a new folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"out={str(out)!r} already exists: pass --overwrite (overwrite=True) to replace it")
+    for c in ckpts:
+        if (c / "adapter_config.json").is_file():
+            # Averaging LoRA factors is not averaging the adapted weights: (B1 A1 + B2 A2) / 2 != (B1 + B2)(A1 + A2) / 4.
+            raise MergeError(f"checkpoint {str(c)!r} is a LoRA adapter: averaging its A and B factors does not average "
+                             "the adapted weights; merge each adapter into its model first (peft merge_and_unload, "
+                             "then save_pretrained) and merge those")
     read = [read_layout(c) for c in ckpts]
     layouts = [r[0] for r in read]
     check_compatible(ckpts, layouts)

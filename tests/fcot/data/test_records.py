@@ -222,3 +222,35 @@ def test_custom_template_and_no_answer_tokens(tmp_path, tok):
     item = phi3[0]
     assert tok.decode(item["input_ids"]) == "<s><|user|>\nQ<|end|>\n<|assistant|>\nA<|end|>\n"
     assert tok.decode(item["labels"][item["labels"] != IGNORE_INDEX]) == "A<|end|>"
+
+
+def test_hf_trainer_consumes_the_dataset(tmp_path, tok):
+    from transformers import Trainer, TrainingArguments
+
+    img = _png(tmp_path / "a.png", (900, 448))
+    records = [{"image": img, "conversations": _conv("<image>\nQ", f"answer {k}")} for k in range(4)]
+    ds = ConversationDataset(_write(tmp_path / "d.jsonl", records), tok, make_tiler("internvl_chat"), tokens_per_tile=2)
+
+    class Toy(torch.nn.Module):
+        """Reads every batch field the collator emits; the loss is CE on the supervised tokens."""
+
+        def __init__(self, vocab: int):
+            super().__init__()
+            self.embed, self.pix, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(3, 8), torch.nn.Linear(8, vocab)
+            self.seen_tiles = []
+
+        def forward(self, input_ids, attention_mask, labels, num_tiles, pixel_values=None):
+            self.seen_tiles.append(num_tiles.tolist())
+            assert pixel_values.shape[0] == int(num_tiles.sum())
+            h = self.embed(input_ids) + self.pix(pixel_values.mean((2, 3))).mean(0)
+            logits = self.head(h * attention_mask[..., None])
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            return {"loss": loss, "logits": logits}
+
+    model = Toy(len(tok))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=ConversationCollator(tok.pad_token_id))
+    trainer.train()
+    assert trainer.state.global_step == 2 and model.seen_tiles == [[3, 3], [3, 3]]
+    assert all("loss" in entry for entry in trainer.state.log_history[:2])

@@ -133,6 +133,9 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(MergeError, match=r"no \*.safetensors file \(it has \['pytorch_model.bin'\]"):
         merge_checkpoints(tmp_path / "m", [a, tmp_path / "bin"])
     assert check_weights([2, 6], 2) == [0.25, 0.75]
+    (b / "adapter_config.json").write_text("{}")
+    with pytest.raises(MergeError, match=r"'.*b' is a LoRA adapter: .*merge_and_unload"):
+        merge_checkpoints(tmp_path / "m", [a, b])
 
 
 def test_existing_output_needs_overwrite(tmp_path):
