@@ -143,9 +143,12 @@ def internvl_image_processor(tile_size: int = 448, max_tiles: int = 12):
     have it; this builds the same thing in code (no download): crop_to_patches, 448px tiles,
     ImageNet normalisation. The PIL backend is used because it needs no torchvision.
     """
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    try:  # transformers >= 5: the PIL backend
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil as Processor
+    except ImportError:  # transformers 4.x: the "slow" processor is the PIL/numpy one
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor as Processor
 
-    return GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+    return Processor(crop_to_patches=True, min_patches=1, max_patches=max_tiles,
                                     size={"height": tile_size, "width": tile_size},
                                     image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 

@@ -10,7 +10,10 @@ from PIL import Image
 from fcot.data.tiling import HFTiler, InternVLChatTiler, candidate_grids, dynamic_tiles, num_tiles, tile_grid
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas  # noqa: E402
+try:  # transformers >= 5
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+except ImportError:  # transformers 4.x
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
 # Odd, tall, wide, tiny, huge and exactly-tied sizes (aspect at the midpoint of two grids).
 SIZES = [(1, 1), (7, 3), (448, 448), (449, 447), (1000, 300), (300, 1000), (896, 448), (1344, 448), (2000, 100),
