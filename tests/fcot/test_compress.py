@@ -40,7 +40,7 @@ def _check_order(source: torch.Tensor, count: int) -> None:
 
 
 @pytest.mark.parametrize("backend", [KERNEL, "reference"])
-@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.25), ((16, 16), 0.3), ((7, 5), 0.25), ((3, 3), 1.0), ((1, 1), 0.5)])
+@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.75), ((16, 16), 0.7), ((7, 5), 0.75), ((3, 3), 0.0), ((1, 1), 0.5)])
 def test_tome_compressor(backend, grid, ratio):
     tiles, c = 3, 8
     t = grid[0] * grid[1]
@@ -61,14 +61,14 @@ def test_tome_compressor(backend, grid, ratio):
 def test_tome_targets_256():
     tokens = torch.randn(2, 256, 4, device=DEVICE)
     assert ToMeCompressor(0.5, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 128
-    assert ToMeCompressor(0.25, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 64
+    assert ToMeCompressor(0.75, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 64
 
 
 def test_tome_metric_and_gradient():
     tiles, grid, c = 2, (8, 8), 6
     tokens = torch.randn(tiles, 64, c, device=DEVICE, requires_grad=True)
     metric = torch.randint(-3, 4, (tiles, 64, 5), device=DEVICE).float()
-    out = tome_compress(tokens, grid, 0.25, metric=metric, backend=KERNEL)
+    out = tome_compress(tokens, grid, 0.75, metric=metric, backend=KERNEL)
     assert out.tokens.shape == (tiles, 16, c)
     # The first round matches on `metric`: the same as one tome_merge call with it.
     _, _, first = fk.tome_merge(tokens.detach(), r=32, metric=metric, backend="reference")
@@ -83,7 +83,7 @@ def test_tome_metric_and_gradient():
     torch.testing.assert_close(tokens.grad, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.25), ((5, 7), 0.3)])
+@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.75), ((5, 7), 0.7)])
 def test_importance_pruner(grid, ratio):
     tiles, c = 3, 5
     t = grid[0] * grid[1]
@@ -110,8 +110,8 @@ def test_importance_ties_keep_lower_index():
 
 def test_bad_inputs_and_noop_flags():
     tokens = torch.randn(2, 16, 3, device=DEVICE)
-    with pytest.raises(ValueError, match=r"ratio=0 must be in \(0, 1\]"):
-        ToMeCompressor(0)
+    with pytest.raises(ValueError, match=r"ratio=1 must be in \[0, 1\): the fraction of visual tokens removed"):
+        ToMeCompressor(1)
     with pytest.raises(ValueError, match=r"ratio=1.5"):
         ImportancePruner(1.5)
     with pytest.raises(TypeError, match="ratio must be a float"):
@@ -128,7 +128,7 @@ def test_bad_inputs_and_noop_flags():
         ToMeCompressor(0.5, backend="reference")(tokens, (4, 4), importance=torch.rand(2, 16, device=DEVICE))
     with pytest.warns(UserWarning, match="ignores metric"):
         ImportancePruner(0.5)(tokens, (4, 4), importance=torch.rand(2, 16, device=DEVICE), metric=tokens)
-    assert "ratio=0.25" in repr(ToMeCompressor(0.25)) and "ratio=0.5" in repr(ImportancePruner(0.5))
+    assert "ratio=0.75" in repr(ToMeCompressor(0.75)) and "ratio=0.5" in repr(ImportancePruner(0.5))
 
 
 def test_importance_from_merged_attention_cls_row():
@@ -137,6 +137,6 @@ def test_importance_from_merged_attention_cls_row():
     q, k, v = (torch.randn(tiles, 17, heads, d, device=DEVICE) for _ in range(3))
     _, importance = fk.merged_attention(q, k, v, importance_rows=[0], backend="reference")
     patches = torch.randn(tiles, 16, 8, device=DEVICE)
-    out = ImportancePruner(0.25)(patches, grid, importance=importance[:, 1:])
+    out = ImportancePruner(0.75)(patches, grid, importance=importance[:, 1:])
     keep = importance[:, 1:].topk(4, dim=1).indices.sort(1).values
     assert torch.equal(out.tokens, patches.gather(1, keep[..., None].expand(-1, -1, 8)))
