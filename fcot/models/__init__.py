@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from .base import FcotError, FcotOptions, FcotProjector, Patch
 from .internvl import patch_internvl
+from .internvl_chat import patch_internvl_chat
 
 PATCHERS = {
     "internvl": patch_internvl,
+    "internvl_chat": patch_internvl_chat,
 }
 """``config.model_type`` -> patch function."""
 

@@ -84,19 +84,29 @@ class Patch:
         self._undo.append(fn)
 
     def own_config(self) -> Any:
-        """Give the instance a private deep copy of ``model.config`` (its sub-configs included)
-        and rebind every module attribute that held one of the old config objects."""
-        old = self.model.config
-        new = copy.deepcopy(old)
-        mapping = {id(old): new}
-        for name in ("text_config", "vision_config", "llm_config"):
-            if getattr(old, name, None) is not None:
-                mapping[id(getattr(old, name))] = getattr(new, name)
+        """Give the instance private deep copies of its config objects (``model.config``, its
+        sub-configs, and any other config a submodule holds) and rebind every module attribute
+        that held one of the old objects; returns the copy of ``model.config``."""
+        from transformers import PretrainedConfig
+
+        top = self.model.config
+        roots: dict[int, Any] = {id(top): top}
+        for module in self.model.modules():
+            for value in vars(module).values():
+                if isinstance(value, PretrainedConfig):
+                    roots.setdefault(id(value), value)
+        olds = list(roots.values())
+        news = copy.deepcopy(olds)  # one memo: objects shared among the configs stay shared
+        mapping = {id(o): n for o, n in zip(olds, news)}
+        for old, new in zip(olds, news):
+            for name, value in vars(old).items():
+                if isinstance(value, PretrainedConfig):
+                    mapping.setdefault(id(value), getattr(new, name))
         for module in self.model.modules():
             for attr, value in list(vars(module).items()):
                 if id(value) in mapping and not attr.startswith("_fcot"):
                     self.setattr(module, attr, mapping[id(value)])
-        return new
+        return mapping[id(top)]
 
     def revert(self) -> None:
         while self._undo:

@@ -31,8 +31,9 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
-def check_processor(processor: Any, image_token_id: int, tokens_base: int, *, default_token: str = "<IMG_CONTEXT>") -> str:
-    """The processor's image token after checking that its tokenizer has it with the model's id."""
+def check_processor(processor: Any, image_token_id: int | None, tokens_base: int, *, default_token: str = "<IMG_CONTEXT>") -> str:
+    """The processor's image token after checking that its tokenizer has it (with the model's
+    id, when the model has one yet)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     token = getattr(processor, "image_token", None) or default_token
     if not hasattr(tokenizer, "convert_tokens_to_ids"):
@@ -41,9 +42,9 @@ def check_processor(processor: Any, image_token_id: int, tokens_base: int, *, de
     if ids is None or ids == getattr(tokenizer, "unk_token_id", None) or token not in tokenizer.get_vocab():
         raise FcotError(
             f"the processor's tokenizer lacks the image token {token!r}; fix the processor (its tokenizer must have "
-            f"{token!r} with id {image_token_id}, the model's image token id)"
+            f"{token!r}" + (f" with id {image_token_id}, the model's image token id)" if image_token_id is not None else ")")
         )
-    if ids != image_token_id:
+    if image_token_id is not None and ids != image_token_id:
         raise FcotError(
             f"the processor's image token {token!r} has id {ids} but the model's image_token_id is {image_token_id}: "
             f"model and processor are from different checkpoints"
@@ -134,7 +135,7 @@ def patch_internvl(model: nn.Module, processor: Any, compressor: Compressor, pat
     patch.hook(inner.register_forward_pre_hook(pre_forward, with_kwargs=True))
 
     if patch.options.proportional_attention:
-        attention.enable(patch, new_config.text_config, inner.language_model)
+        attention.enable(patch, inner.language_model.config, inner.language_model)
 
     if processor is not None and hasattr(processor, "image_seq_length"):
         patch.setattr(processor, "image_seq_length", tokens_out)
