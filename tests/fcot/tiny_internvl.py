@@ -8,6 +8,8 @@ patch_size=14`` gives InternVL's real 32x32 -> 256.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
@@ -35,7 +37,7 @@ def tiny_tokenizer(with_image_tokens: bool = True):
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        padding_side="left", extra_special_tokens=extra,
+        padding_side="left", extra_special_tokens=extra, model_input_names=["input_ids", "attention_mask"],
     )
 
 
@@ -80,15 +82,26 @@ def tiny_model(config=None, *, seed: int = 0, dtype=torch.float32):
 
 def _processor_class():
     import transformers
+    from transformers.processing_utils import ProcessorMixin
 
     class TinyInternVLProcessor(transformers.InternVLProcessor):
         """transformers' InternVLProcessor without a video processor: transformers' video
-        processors need torchvision, which the test machines lack (images only here)."""
+        processors need torchvision, which the test machines lack (images only here). The
+        attributes InternVLProcessor.__init__ sets are set the same way."""
 
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
+        attributes = ["image_processor", "tokenizer"]  # transformers 4.x reads this list
+
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+            self.image_seq_length = image_seq_length
+            self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+            self.start_image_token_id = tokenizer.convert_tokens_to_ids(self.start_image_token)
+            self.end_image_token_id = tokenizer.convert_tokens_to_ids(self.end_image_token)
+            self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            pattern = f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
+            self.multimodal_pattern = re.compile(pattern)
 
     return TinyInternVLProcessor
 

@@ -24,7 +24,11 @@ PROMPTS = ["<IMG_CONTEXT> w1 w2", "w3 <IMG_CONTEXT> w4 w5 w6 w7"]
 
 
 def _features(model, pixel_values):
-    out = model.model.get_image_features(pixel_values=pixel_values)
+    cfg = model.config
+    out = model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
@@ -54,6 +58,7 @@ def test_apply_then_revert_is_bit_identical(tiny):
     before = model(**inputs).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config, projector, seq = model.config, model.model.multi_modal_projector, processor.image_seq_length
+    lm_config = model.model.language_model.config
     fcot.apply_fcot(model, processor, compressor="conv", ratio=0.75, proportional_attention=True)
     assert model.config is not config and model.config.image_seq_length == 4 and processor.image_seq_length == 4
     assert model.config.fcot["compressor"] == "conv" and model.config.fcot["ratio"] == 0.75
@@ -61,7 +66,7 @@ def test_apply_then_revert_is_bit_identical(tiny):
     model(**_inputs(processor))
     fcot.revert_fcot(model)
     assert model.config is config and model.model.multi_modal_projector is projector
-    assert model.model.language_model.config is config.text_config
+    assert model.model.language_model.config is lm_config
     assert processor.image_seq_length == seq and "pixel_shuffle" not in vars(model.model)
     assert not fcot.is_patched(model)
     after = model.state_dict()

@@ -74,14 +74,14 @@ def test_apply_then_revert_is_bit_identical(chat):
     ids, mask = _batch(model, tok, [1, 2])
     before = _forward(model, pv, ids, mask)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    config, mlp1 = model.config, model.mlp1
+    config, mlp1, lm_config = model.config, model.mlp1, model.language_model.config
     fcot.apply_fcot(model, tok, compressor="dwconv", ratio=0.75)
     assert model.num_image_token == 4 and model.config.fcot["compressor"] == "dwconv"
-    assert model.language_model.config is not config.llm_config and not hasattr(config, "fcot")
+    assert model.language_model.config is not lm_config and not hasattr(config, "fcot")
     _forward(model, pv, *_batch(model, tok, [1, 2]))
     fcot.revert_fcot(model)
     assert model.config is config and model.mlp1 is mlp1 and model.num_image_token == 16
-    assert model.language_model.config is config.llm_config
+    assert model.language_model.config is lm_config
     assert "generate" not in vars(model) and "pixel_shuffle" not in vars(model)
     after = model.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
