@@ -14,6 +14,8 @@ caches) raise rather than being approximated.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import fcot_kernels as fk
@@ -85,7 +87,12 @@ def fcot_attention_forward(
     batch, _, lq, _ = query.shape
     lk = key.shape[2]
     bias = state.key_log_size(batch, lk, query.device)
-    keep = _key_padding(attention_mask, batch, lq, lk)
+    cached = state.mask_cache
+    if attention_mask is not None and cached is not None and cached[0]() is attention_mask:
+        keep = cached[1]
+    else:
+        keep = _key_padding(attention_mask, batch, lq, lk)
+        state.mask_cache = (weakref.ref(attention_mask), keep) if attention_mask is not None else None
     if keep is not None:
         bias = torch.zeros(batch, lk, device=query.device) if bias is None else bias
         bias = bias.masked_fill(~keep, _MASKED)

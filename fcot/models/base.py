@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -123,6 +122,9 @@ class FcotState:
         self.image_mask: torch.Tensor | None = None
         self.sizes: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
+        self.mask_cache: tuple[Any, Any] | None = None
+        """(weak reference to the last attention mask, its key padding): every layer of one
+        forward gets the same mask object, so it is checked once."""
 
     def start(self, image_mask: torch.Tensor | None) -> None:
         """A new sequence begins (prefill): ``image_mask`` (B, L) marks its visual tokens, or None.
@@ -341,8 +343,4 @@ def fcot_section(options: FcotOptions, tokens_out: int, base: dict[str, Any], im
     return section
 
 
-def warn_once(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
-
-
-__all__ = ["FcotError", "FcotOptions", "FcotProjector", "Patch", "asdict"]
+__all__ = ["FcotError", "FcotOptions", "FcotProjector", "FcotState", "Patch"]

@@ -104,10 +104,15 @@ def test_processor_placeholders_and_generate_mixed_tiles(tiny):
     cfg, model, processor = tiny
     fcot.apply_fcot(model, processor, compressor="tome", ratio=0.5)
     try:
-        inputs = _inputs(processor, sizes=((64, 64), (128, 64)))
+        # Sample 0: two images (1 tile; 2 tiles + thumbnail); sample 1: one image of 3 tiles.
+        small, wide = random_images([(64, 64), (128, 64)])
+        batch = processor(images=[[small, wide], [wide]], text=["<IMG_CONTEXT> w1 <IMG_CONTEXT> w2", "w3 <IMG_CONTEXT> w4 w5"],
+                          return_tensors="pt", padding=True)
+        inputs = {k: v.to(DEVICE) for k, v in batch.items()}
         tiles = inputs["pixel_values"].shape[0]
-        assert tiles == 4  # 1 tile + (2 tiles + thumbnail)
-        assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == tiles * 8
+        assert tiles == 7
+        per_sample = (inputs["input_ids"] == cfg.image_token_id).sum(1).tolist()
+        assert per_sample == [4 * 8, 3 * 8], "the processor must emit 8 placeholders per tile"
         kw = dict(max_new_tokens=4, do_sample=False)
         cached = model.generate(**inputs, **kw)
         uncached = model.generate(**inputs, use_cache=False, **kw)
@@ -169,6 +174,21 @@ def test_save_load_round_trip(tiny, tmp_path):
         import transformers
 
         fcot.apply_fcot(transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path))
+
+
+def test_save_load_proportional_attention(tiny, tmp_path):
+    cfg, model, processor = tiny
+    fcot.apply_fcot(model, processor, compressor="tome", ratio=0.75, proportional_attention=True)
+    try:
+        inputs = _inputs(processor)
+        expected = model(**inputs).logits
+        model.save_pretrained(tmp_path)
+    finally:
+        fcot.revert_fcot(model)
+    loaded = fcot.load_compressed(tmp_path).to(DEVICE).eval()
+    assert loaded.config.fcot["proportional_attention"] is True
+    assert loaded.model.language_model.config._attn_implementation == "fcot_merged"
+    torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_load_rejects_non_fcot_and_pickle(tiny, tmp_path):

@@ -207,3 +207,12 @@ def test_bad_inputs():
     fcot.apply_fcot(model, compressor="avg")
     with pytest.raises(FcotError, match="img_context_token_id is None"):
         model.generate(pixel_values=torch.randn(1, 3, 64, 64), input_ids=torch.ones(1, 9, dtype=torch.long))
+
+
+def test_batch_chat_bf16():
+    model, tok = tiny_chat_model(dtype=torch.bfloat16).to(DEVICE), tiny_tokenizer()
+    fcot.apply_fcot(model, tok, compressor="conv", ratio=0.5)
+    pv = torch.randn(3, 3, 64, 64, device=DEVICE, dtype=torch.bfloat16)
+    replies = model.batch_chat(tok, pv, ["w1", "w2 w3"], dict(GEN), num_patches_list=[2, 1])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert model.mlp1.linear_1.weight.dtype == torch.bfloat16 and model.mlp1.compressor.merge_weight.dtype == torch.bfloat16
