@@ -285,6 +285,9 @@ class Compressor(nn.Module):
     varying_sizes: ClassVar[bool] = False
     """Whether output tokens stand for different numbers of inputs (proportional attention
     changes more than a constant then)."""
+    unit_sizes: ClassVar[bool] = False
+    """Whether every output token stands for exactly one input (proportional attention adds
+    log(1) = 0: it changes nothing)."""
 
     def __init__(self, ratio: float, *, width: int | None = None, backend: str | None = None) -> None:
         super().__init__()
@@ -391,6 +394,7 @@ class NoCompressor(WindowCompressor):
     """Keep every token (ratio 0): the uncompressed model, through the fused projector."""
 
     ratios = (0.0,)
+    unit_sizes = True
 
 
 @register_compressor("avg")
@@ -431,6 +435,8 @@ class ToMe(Compressor):
 class Prune(Compressor):
     """Training-free pruning (:func:`importance_prune`) by ``importance`` (the ViT CLS row's
     attention inside a model; token L2 norms where no importance is given)."""
+
+    unit_sizes = True
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], *, importance: torch.Tensor | None = None) -> Compressed:
         if importance is None:

@@ -47,7 +47,7 @@ def _check_options(compressor: Any, ratio: Any, fused: Any, backend: Any, propor
     if not fused and backend is not None:
         warnings.warn(f"backend={backend!r} has no effect with fused=False (the PyTorch references run)", stacklevel=3)
         backend = None
-    if proportional_attention and not cls.varying_sizes and cls.merge_mode is None:
+    if proportional_attention and cls.unit_sizes:
         warnings.warn(
             f"proportional_attention=True has no effect with compressor={compressor!r}: every token it keeps stands "
             f"for one input token (log(1) = 0); left off",

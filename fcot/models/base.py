@@ -121,16 +121,19 @@ class FcotState:
         self.importance: torch.Tensor | None = None
         self.image_mask: torch.Tensor | None = None
         self.sizes: torch.Tensor | None = None
+        self.tile_keep: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
         self.mask_cache: tuple[Any, Any] | None = None
         """(weak reference to the last attention mask, its key padding): every layer of one
         forward gets the same mask object, so it is checked once."""
 
-    def start(self, image_mask: torch.Tensor | None) -> None:
+    def start(self, image_mask: torch.Tensor | None, tile_keep: torch.Tensor | None = None) -> None:
         """A new sequence begins (prefill): ``image_mask`` (B, L) marks its visual tokens, or None.
         The sizes of its visual tokens are set by the projector, before or after this call
-        (transformers >= 5 generate encodes the images before the prefill forward)."""
-        self.image_mask, self._bias = image_mask, None
+        (transformers >= 5 generate encodes the images before the prefill forward).
+        ``tile_keep`` (tiles,) bool: the tiles whose features enter the sequence (OpenGVLab's
+        ``image_flags``), None for all."""
+        self.image_mask, self.tile_keep, self._bias = image_mask, tile_keep, None
 
     def set_sizes(self, sizes: torch.Tensor) -> None:
         self.sizes, self._bias = sizes, None
@@ -142,13 +145,16 @@ class FcotState:
             return None
         if self._bias is None:
             count = int(self.image_mask.sum())
-            if self.sizes is None or self.sizes.numel() != count:
+            sizes = self.sizes
+            if sizes is not None and self.tile_keep is not None:
+                sizes = sizes[self.tile_keep.to(sizes.device)]
+            if sizes is None or sizes.numel() != count:
                 raise FcotError(
                     f"proportional attention: the sequences hold {count} visual tokens but the last image features had "
-                    f"{None if self.sizes is None else self.sizes.numel()}"
+                    f"{None if sizes is None else sizes.numel()}"
                 )
             bias = torch.zeros(self.image_mask.shape, dtype=torch.float32, device=device)
-            bias[self.image_mask.to(device)] = self.sizes.reshape(-1).to(device=device, dtype=torch.float32).log()
+            bias[self.image_mask.to(device)] = sizes.reshape(-1).to(device=device, dtype=torch.float32).log()
             self._bias = bias
         bias = self._bias
         if bias.shape[0] != batch or bias.shape[1] > keys:

@@ -82,18 +82,19 @@ def patch_internvl_chat(model: nn.Module, processor: Any, compressor: Compressor
     )
     state = patch.state
 
-    def check(input_ids, tiles):
+    def check(input_ids, tiles, tile_keep=None):
         token_id = model.img_context_token_id
         if token_id is None:
             raise FcotError("model.img_context_token_id is None: set it to the tokenizer's IMG_CONTEXT id (chat/batch_chat do)")
-        state.start(check_image_tokens(input_ids, token_id, tiles, tokens_out, base, fix))
+        state.start(check_image_tokens(input_ids, token_id, tiles, tokens_out, base, fix), tile_keep)
 
     def pre_forward(module, args, kwargs):
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         input_ids = kwargs.get("input_ids", args[1] if len(args) > 1 else None)
         flags = kwargs.get("image_flags")
-        tiles = None if pixel_values is None else int((flags.reshape(-1) == 1).sum()) if flags is not None else pixel_values.shape[0]
-        check(input_ids, tiles)
+        keep = None if flags is None else flags.reshape(-1) == 1  # forward drops the features of flagged-out tiles
+        tiles = None if pixel_values is None else int(keep.sum()) if keep is not None else pixel_values.shape[0]
+        check(input_ids, tiles, keep)
 
     patch.hook(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
 

@@ -144,3 +144,21 @@ def test_proportional_bad_setups():
     with pytest.raises(FcotError, match="AttentionInterface; NoBackend does not"):
         fcot.apply_fcot(model, compressor="tome", proportional_attention=True)
     assert not fcot.is_patched(model) and type(model.mlp1).__name__ == "Sequential"
+
+
+def test_chat_forward_image_flags_with_proportional_attention():
+    # OpenGVLab's forward drops the features of tiles with image_flags == 0; the log-size biases must follow.
+    from ..tiny_internvl import IMG_CONTEXT, tiny_tokenizer
+
+    model, tok = tiny_chat_model().to(DEVICE), tiny_tokenizer()
+    fcot.apply_fcot(model, compressor="tome", ratio=0.5, proportional_attention=True)
+    model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    ids = tok([f"<s> {' '.join([IMG_CONTEXT] * 16)} w1"], return_tensors="pt")["input_ids"].to(DEVICE)
+    pv = torch.randn(3, 3, 64, 64, device=DEVICE)
+    flags = torch.tensor([[1], [0], [1]], device=DEVICE)
+    out = model(pixel_values=pv, input_ids=ids, image_flags=flags).logits
+    # Same as running the two kept tiles alone.
+    alone = model(pixel_values=pv[[0, 2]], input_ids=ids, image_flags=torch.ones(2, 1, dtype=torch.long, device=DEVICE)).logits
+    torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FcotError, match="pixel_values' 3 tiles give 24"):
+        model(pixel_values=pv, input_ids=ids, image_flags=torch.ones(3, 1, dtype=torch.long, device=DEVICE))

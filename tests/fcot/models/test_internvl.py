@@ -270,6 +270,10 @@ def test_flags_that_change_nothing_warn():
     with pytest.warns(UserWarning, match="backend='triton' has no effect with fused=False"):
         fcot.apply_fcot(model, compressor="avg", fused=False, backend="triton")
     fcot.revert_fcot(model)
+    with pytest.warns(UserWarning, match="proportional_attention=True has no effect with compressor='none'"):
+        fcot.apply_fcot(model, compressor="none", proportional_attention=True)
+    assert model.model.language_model.config._attn_implementation != "fcot_merged"
+    fcot.revert_fcot(model)
     with pytest.warns(UserWarning, match="proportional_attention=True has no effect with compressor='prune'"):
         fcot.apply_fcot(model, compressor="prune", proportional_attention=True)
     assert model.config.fcot["proportional_attention"] is False and model.config.fcot["importance"] == "cls"
