@@ -44,6 +44,8 @@ def _key_padding(mask: torch.Tensor | None, batch: int, lq: int, lk: int) -> tor
     """``keep (B, L_k)`` from transformers' 4-D mask when it is causal + key padding; raise otherwise."""
     if mask is None:
         return None
+    if mask.dim() == 4 and mask.shape[-1] > lk:
+        mask = mask[..., :lk]  # transformers 4.x may build one column more than the keys (its eager path slices too)
     if mask.dim() != 4 or mask.shape[-2:] != (lq, lk) or mask.shape[1] != 1:
         raise FcotError(f"proportional attention got an attention mask of shape {tuple(mask.shape)}; expected (B, 1, {lq}, {lk})")
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
