@@ -9,7 +9,7 @@ a model loaded with plain ``from_pretrained`` from an fcot checkpoint (its confi
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 import warnings
 from typing import Any
@@ -145,6 +145,12 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, "_fcot_patch", None) is not None
 
 
+def _compressor_key(name: str) -> str:
+    """``"a.b.mlp1.compressor.merge_weight"`` -> ``"mlp1.compressor.merge_weight"``."""
+    head, tail = f".{name}".split(".compressor.", 1)
+    return f"{head.rsplit('.', 1)[-1]}.compressor.{tail}"
+
+
 def load_compressed(
     path: str | os.PathLike,
     processor: Any = None,
@@ -171,7 +177,12 @@ def load_compressed(
     section = getattr(config, "fcot", None)
     if not isinstance(section, dict):
         raise FcotError(f"{path} has no fcot section in its config: it was not saved from a model patched by fcot.apply_fcot")
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded: the files the index names
+        with open(index) as fh:
+            files = sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+    else:
+        files = [f for f in [os.path.join(path, "model.safetensors")] if os.path.exists(f)]
     if not files:
         raise FcotError(f"{path} has no .safetensors weights; fcot loads safetensors only (save with safe_serialization=True)")
     del config.fcot
@@ -191,27 +202,24 @@ def load_compressed(
         model, processor, compressor=section["compressor"], ratio=section["ratio"] if section["compressor"] != "none" else 0.5,
         fused=fused, backend=backend, proportional_attention=section.get("proportional_attention", False),
     )
-    wanted = {name: p for name, p in model.named_parameters() if ".compressor." in name}
-    wanted.update({name: b for name, b in model.named_buffers() if ".compressor." in name})
-    by_suffix = {name.split(".compressor.", 1)[0].rsplit(".", 1)[-1] + ".compressor." + name.split(".compressor.", 1)[1]: name for name in wanted}
+    # Compressor tensors are matched on "<projector>.compressor.<name>": the prefix before the
+    # projector differs between transformers versions (4.x saves without "model.").
+    wanted = {_compressor_key(n): t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".compressor." in n}
     found: set[str] = set()
     with torch.no_grad():
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    if ".compressor." not in key and not key.startswith("compressor."):
+                    if ".compressor." not in f".{key}":
                         continue
-                    head, tail = ("", key[len("compressor."):]) if key.startswith("compressor.") else key.split(".compressor.", 1)
-                    suffix = head.rsplit(".", 1)[-1] + ".compressor." + tail
-                    name = by_suffix.get(suffix)
-                    if name is None:
-                        raise FcotError(f"{file} holds {key!r}, which the patched model has no parameter for")
-                    target = wanted[name]
+                    target = wanted.get(_compressor_key(key))
+                    if target is None:
+                        raise FcotError(f"{file} holds {key!r}, which the patched model has no tensor for")
                     tensor = f.get_tensor(key)
                     if tensor.shape != target.shape:
                         raise FcotError(f"{key!r} has shape {tuple(tensor.shape)} in {file}, the model expects {tuple(target.shape)}")
                     target.copy_(tensor)
-                    found.add(name)
+                    found.add(_compressor_key(key))
     missing = sorted(set(wanted) - found)
     if missing:
         raise FcotError(f"{path} lacks the compressor weights {missing}")
