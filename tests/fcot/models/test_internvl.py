@@ -277,3 +277,21 @@ def test_flags_that_change_nothing_warn():
     with pytest.warns(UserWarning, match="proportional_attention=True has no effect with compressor='prune'"):
         fcot.apply_fcot(model, compressor="prune", proportional_attention=True)
     assert model.config.fcot["proportional_attention"] is False and model.config.fcot["importance"] == "cls"
+
+
+def test_compressor_trains_through_the_patched_model():
+    # Stage 1 of FCoT-VL trains the compressor and projector: gradients reach them, fused = reference.
+    cfg = tiny_config()
+    model, processor = tiny_model(cfg).to(DEVICE), tiny_processor(cfg)
+    grads = {}
+    for fused, backend in ((False, None), (True, KERNEL)):
+        fcot.apply_fcot(model, processor, compressor="conv", ratio=0.75, fused=fused, backend=backend)
+        inputs = _inputs(processor, sizes=((64, 64),), prompts=["<IMG_CONTEXT> w1"])
+        proj = model.model.multi_modal_projector
+        model(**inputs).logits[:, -1].square().sum().backward()
+        grads[fused] = [p.grad.clone() for p in (proj.compressor.merge_weight, proj.compressor.merge_bias, proj.linear_1.weight)]
+        model.zero_grad(set_to_none=True)
+        fcot.revert_fcot(model)
+    assert all(bool(g.abs().sum() > 0) and bool(torch.isfinite(g).all()) for g in grads[False])
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
