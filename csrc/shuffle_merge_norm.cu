@@ -58,7 +58,8 @@ int64_t smn_fwd_smem_bytes(const ShuffleMergeNormShape& s) {
   return (smn_out_width(s) + kScratchFloats) * static_cast<int64_t>(sizeof(float));
 }
 int64_t smn_bwd_smem_bytes(const ShuffleMergeNormShape& s) {
-  return (3 * smn_out_width(s) + kScratchFloats) * static_cast<int64_t>(sizeof(float));
+  (void)s;  // the backward keeps its row state in registers: only the static reduction scratch
+  return 0;
 }
 
 int current_device() {
@@ -101,27 +102,67 @@ void smn_fwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const f
   check_cuda(cudaGetLastError(), "launching smn_fwd_kernel");
 }
 
+namespace {
+
+// Vectors per thread of the backward: the fewest (1, 2, 4, ... kMaxItems) that cover the row
+// with at most 512 threads (the kernel's launch bound). The target (W = 4096 bf16) is 1 vector
+// of 8 per thread, 512 threads; the 6B width 4; only the unaligned scalar fallback goes higher.
+constexpr int kMaxItems = 32;
+constexpr int kMaxThreads = 512;
+int bwd_items(int nvec) {
+  int items = 1;
+  while (items < kMaxItems && (nvec + items - 1) / items > kMaxThreads) items *= 2;
+  return items;
+}
+
+template <typename T, int VEC, int ITEMS>
+void launch_bwd(const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x, const float* weight,
+                const void* dy, const float* mean, const float* rstd, void* dx, float* dwp, float* dbp) {
+  const int nvec = g.width / VEC;
+  int threads = ((nvec + ITEMS - 1) / ITEMS + 31) / 32 * 32;
+  threads = threads < 64 ? 64 : threads;
+  smn_bwd_kernel<T, VEC, ITEMS><<<blocks, threads, 0, st>>>(
+      static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd, static_cast<T*>(dx), dwp, dbp, g);
+}
+
+template <typename T, int VEC>
+void bwd_by_items(int items, const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x,
+                  const float* weight, const void* dy, const float* mean, const float* rstd, void* dx,
+                  float* dwp, float* dbp) {
+  switch (items) {
+    case 1: launch_bwd<T, VEC, 1>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 2: launch_bwd<T, VEC, 2>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 4: launch_bwd<T, VEC, 4>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 8: launch_bwd<T, VEC, 8>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 16: launch_bwd<T, VEC, 16>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 32: launch_bwd<T, VEC, 32>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    default: throw std::invalid_argument("fcot_kernels._C: smn_bwd: unsupported items per thread");
+  }
+}
+
+}  // namespace
+
 void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
              const void* dy, const float* mean, const float* rstd, void* dx,
              float* dweight_partial, float* dbias_partial, int64_t blocks, uintptr_t stream) {
   const SmnGeom g = make_geom(s);
-  const int64_t smem = smn_bwd_smem_bytes(s);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
-    if (can_vectorize<T>(s, {x, dy, dx})) {
-      auto kernel = smn_bwd_kernel<T, kVec>;
-      set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(blocks), threads_for(g.width / kVec), smem, st>>>(
-          static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd,
-          static_cast<T*>(dx), dweight_partial, dbias_partial, g);
+    const bool vec = can_vectorize<T>(s, {x, dy, dx});
+    const int nvec = vec ? g.width / kVec : g.width;
+    const int items = bwd_items(nvec);
+    if ((nvec + items - 1) / items > kMaxThreads) {
+      throw std::invalid_argument("fcot_kernels._C: shuffle_merge_norm_bwd: row width r*r*C=" + std::to_string(g.width) +
+                                  " needs more than 512 threads x 32 vectors; use the Triton backend");
+    }
+    if (vec) {
+      bwd_by_items<T, kVec>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
+                            dweight_partial, dbias_partial);
     } else {
-      auto kernel = smn_bwd_kernel<T, 1>;
-      set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(blocks), threads_for(g.width), smem, st>>>(
-          static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd,
-          static_cast<T*>(dx), dweight_partial, dbias_partial, g);
+      bwd_by_items<T, 1>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
+                         dweight_partial, dbias_partial);
     }
   });
   check_cuda(cudaGetLastError(), "launching smn_bwd_kernel");

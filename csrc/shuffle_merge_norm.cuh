@@ -97,8 +97,14 @@ __global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_
   }
 }
 
-template <typename T, int VEC>
-__global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
+// Backward: thread t owns the vectors v = t + i * blockDim.x, i < ITEMS, of every row (the
+// launcher picks ITEMS * blockDim.x >= W / VEC), so x-hat and the dweight/dbias accumulators
+// are register arrays indexed by compile-time constants: no shared memory but the reduction
+// scratch, no bank conflicts, 16-byte global accesses only. Launch bounds: 512 threads, and two
+// blocks per SM for 16-bit inputs (<= 64 registers; the launcher's grid is 2 blocks per SM), one
+// for fp32 (whose 4-wide vectors need 2 per thread at W = 4096).
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
                                const float* __restrict__ weight,  // (W,)
                                const T* __restrict__ dy,          // (rows, W)
                                const float* __restrict__ mean,    // (rows,)
@@ -107,24 +113,25 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
                                float* __restrict__ dw_partial,    // (gridDim.x, W)
                                float* __restrict__ db_partial,    // (gridDim.x, W)
                                SmnGeom g) {
-  extern __shared__ float smem[];  // [W] xhat, [W] dweight acc, [W] dbias acc, [32] scratch
-  float* xhat = smem;
-  float* dw_acc = smem + g.width;
-  float* db_acc = smem + 2 * g.width;
-  float* scratch = smem + 3 * g.width;
+  __shared__ float scratch[2][32];  // two reduction buffers: the row's two sums back to back
   const int nvec = g.width / VEC;
   const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
   const float inv_width = 1.f / static_cast<float>(g.width);
   const int64_t dx_st = static_cast<int64_t>(g.grid_hw) * g.C;
-
-  for (int i = threadIdx.x; i < g.width; i += blockDim.x) dw_acc[i] = db_acc[i] = 0.f;
-  // Zeroing and the final write use element-strided slots, the row loop vector-strided ones.
-  __syncthreads();
+  float xhat[ITEMS][VEC], dw_acc[ITEMS][VEC], db_acc[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dw_acc[i][e] = db_acc[i][e] = 0.f;
+  }
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const float mu = mean[row], rs = rstd[row];
     float s_g = 0.f, s_gx = 0.f;  // sum(dy*w), sum(dy*w*xhat)
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
       const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
       float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
@@ -135,31 +142,33 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
           for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
         }
       }
-      float d[VEC];
+      float d[VEC], w[VEC];
       load_f32<T, VEC>(dy + row * g.width + cf, d);
+      load_f32<float, VEC>(weight + cf, w);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float xh = (acc[e] * inv_merge - mu) * rs;
-        const float gw = d[e] * weight[cf + e];
-        xhat[cf + e] = xh;
+        const float gw = d[e] * w[e];
+        xhat[i][e] = xh;
         s_g += gw;
         s_gx += gw * xh;
-        dw_acc[cf + e] += d[e] * xh;
-        db_acc[cf + e] += d[e];
+        dw_acc[i][e] += d[e] * xh;
+        db_acc[i][e] += d[e];
       }
     }
     if (dx == nullptr) continue;  // uniform across the block: no reduction is skipped unevenly
-    s_g = block_sum(s_g, scratch) * inv_width;
-    s_gx = block_sum(s_gx, scratch) * inv_width;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
-      float d[VEC];
-      load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
-      float dz[VEC];
+    s_g = block_sum(s_g, scratch[0]) * inv_width;
+    s_gx = block_sum(s_gx, scratch[1]) * inv_width;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        dz[e] = rs * (d[e] * weight[cf + e] - s_g - xhat[cf + e] * s_gx) * inv_merge;
-      }
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
+      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
+      float d[VEC], w[VEC], dz[VEC];
+      load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
+      load_f32<float, VEC>(weight + cf, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dz[e] = rs * (d[e] * w[e] - s_g - xhat[i][e] * s_gx) * inv_merge;
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           store_f32<T, VEC>(dx + smn_src_offset(g, row, k, c, mi, mj, dx_st, g.C), dz);
@@ -167,10 +176,13 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
       }
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < g.width; i += blockDim.x) {
-    dw_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = dw_acc[i];
-    db_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = db_acc[i];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int v = threadIdx.x + i * blockDim.x;
+    if (v >= nvec) continue;
+    const int64_t off = blockIdx.x * static_cast<int64_t>(g.width) + v * VEC;
+    store_f32_plain<VEC>(dw_partial + off, dw_acc[i]);
+    store_f32_plain<VEC>(db_partial + off, db_acc[i]);
   }
 }
 
