@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,6 +132,26 @@ def use_backend(name: str) -> Iterator[None]:
 def triton_interpreter() -> bool:
     """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+GPU_CONFIGS_ENV = "FCOT_GPU_CONFIGS"
+_warned_gpu_configs = False
+
+
+def forced_gpu_configs() -> bool:
+    """Whether ``FCOT_GPU_CONFIGS=1`` asks the Triton launchers for the launch configurations
+    (block sizes, programs per SM) they pick on a GPU, while the kernels run under the
+    interpreter: the tests then execute the code paths a GPU will run (multi-block causal
+    bounds, multi-step K loops, 16-byte-aligned gathers) on small shapes. On a GPU without the
+    interpreter the launchers use those configurations anyway, so the flag warns there."""
+    global _warned_gpu_configs
+    if os.environ.get(GPU_CONFIGS_ENV, "0") != "1":
+        return False
+    if not triton_interpreter() and not _warned_gpu_configs and not torch.compiler.is_compiling():
+        _warned_gpu_configs = True
+        warnings.warn(f"{GPU_CONFIGS_ENV}=1 has no effect without TRITON_INTERPRET=1: compiled Triton kernels "
+                      "already use the GPU launch configurations", stacklevel=3)
+    return True
 
 
 def _triton_status() -> tuple[bool, str]:

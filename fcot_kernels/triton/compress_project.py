@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._validation import ShuffleGeometry
-from ..dispatch import triton_interpreter
+from ..dispatch import forced_gpu_configs, triton_interpreter
 from .shuffle_merge_norm import _u_col_off, _u_row_off, identity_geometry, merge_ln_backward, merge_ln_forward  # noqa: F401
 
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
@@ -193,7 +193,7 @@ def _gemm_kernel(
 
 
 def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    if device.type != "cuda" or triton_interpreter():
+    if (device.type != "cuda" or triton_interpreter()) and not forced_gpu_configs():
         # Interpreter: big blocks mean fewer interpreted steps (numpy does the tile math);
         # 16 is tl.dot's minimum.
         bm = min(256, max(16, triton.next_power_of_2(M)))

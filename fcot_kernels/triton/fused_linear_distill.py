@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..dispatch import forced_gpu_configs
 
 DIV_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -188,7 +189,7 @@ def _fld_kernel(
 
 
 def _meta(v: int, device: torch.device) -> dict:
-    if device.type == "cuda":
+    if device.type == "cuda" or forced_gpu_configs():
         # One row per program: a 4096-wide fp32 block of student + teacher is 32 values per thread at 8 warps.
         return dict(BLOCK_R=1, BLOCK_V=min(4096, triton.next_power_of_2(v)), num_warps=8)
     # Interpreter: each program is a Python loop, so fewer, wider programs run far faster.

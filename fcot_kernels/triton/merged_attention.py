@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._attention import AttnGeometry
-from ..dispatch import triton_interpreter
+from ..dispatch import forced_gpu_configs, triton_interpreter
 
 _LOG2E = 1.4426950408889634
 
@@ -490,7 +490,7 @@ def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
     """Block sizes per kernel (not tuned on a GPU yet: see docs/kernels.md). Under the
     interpreter: 16 (the smallest tl.dot tile), so tiny test shapes still cover several blocks
     and the masked tails."""
-    if triton_interpreter():
+    if triton_interpreter() and not forced_gpu_configs():
         return dict(BLOCK_N=16) if kind == "importance" else dict(BLOCK_M=16, BLOCK_N=16)
     if kind == "importance":
         return dict(BLOCK_N=64, num_warps=8, num_stages=2)
@@ -595,7 +595,7 @@ def backward(
     block_d = _block_d(geom.head_dim)
     precision = _precision(q)
     delta = torch.empty((geom.heads_q, geom.total_q), dtype=torch.float32, device=q.device)
-    dm = 16 if triton_interpreter() else 64
+    dm = 16 if triton_interpreter() and not forced_gpu_configs() else 64
     with _alloc.device_guard(out):
         _bwd_delta_kernel[(triton.cdiv(geom.total_q, dm), geom.heads_q)](
             out, do, delta, geom.total_q, geom.heads_q, geom.head_dim, BLOCK_M=dm, BLOCK_D=block_d,
@@ -649,7 +649,7 @@ def importance(
     n_rows = rows.shape[1]
     imp = _alloc.empty(geom.bias_shape, dtype=torch.float32, device=q.device)
     cfg = _config("importance", geom, q.dtype)
-    block_r = 16 if triton_interpreter() else min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_r = 16 if triton_interpreter() and not forced_gpu_configs() else min(64, max(16, triton.next_power_of_2(n_rows)))
     with _alloc.device_guard(q):
         _importance_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch)](
             q, k, bias, lse, rows, imp, cu_q, cu_k,

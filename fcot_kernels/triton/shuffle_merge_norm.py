@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._validation import ShuffleGeometry
+from ..dispatch import forced_gpu_configs
 
 MODE_AVG, MODE_DWCONV = 0, 1
 
@@ -277,10 +278,14 @@ def bwd_programs_per_sm(geom: ShuffleGeometry) -> int:
     return 2 if _ln_meta(geom, backward=True)["num_warps"] <= 8 else 1
 
 
+H100_SMS = 132
+"""SMs assumed for the GPU grid when FCOT_GPU_CONFIGS=1 runs it without a GPU."""
+
+
 def _num_programs(x: torch.Tensor, geom: ShuffleGeometry) -> int:
     rows = geom.rows
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if x.device.type == "cuda" or forced_gpu_configs():
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else H100_SMS
         return max(1, min(rows, bwd_programs_per_sm(geom) * sms))
     return max(1, min(rows, 4))  # interpreter: few programs, same code path
 
