@@ -477,8 +477,6 @@ ALLOW: dict[tuple[str, str], str] = {
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
     ("_fld_kernel [reverse_kl labels=int64 ce=1 ce_lse=1 mean=1 grad=0", "spill"):
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
-    ("merged_attention _importance_kernel", "mma.sync"):
-        "R ~ 16 scored query rows: a 16-row dot is below wgmma's M = 64; 16/L of the attention's FLOPs",
     ("merged_attention _bwd_dkdv_kernel [d=96", "mma.sync"):
         "BLOCK_M = 64 (all wgmma) spills ~160 B at d = 96/128 here; mma.sync q/do dots kept until a GPU measures both",
     ("merged_attention _bwd_dkdv_kernel [d=128", "mma.sync"):

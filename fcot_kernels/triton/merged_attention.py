@@ -454,6 +454,8 @@ def _importance_kernel(
     diag = len_k - len_q
     # One pass per (KV head, query head of its group, block of rows): the K block is loaded
     # once per KV head and the scores never leave registers.
+    if HAS_BIAS:
+        kb = tl.load(bias_base + cols, mask=col_ok, other=0.0)
     for hk in range(heads_kv):
         k_base = k_ptr + b64 * stride_kb + k_off.to(tl.int64) * stride_kn + hk * stride_kh
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
@@ -467,8 +469,16 @@ def _importance_kernel(
                 q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
                             mask=r_ok[:, None] & d_ok[None, :], other=0.0)
                 lse = tl.load(lse_ptr + h.to(tl.int64) * total_q + q_row0 + rows, mask=r_ok, other=float("inf"))
-                s = _logits(q, k, bias_base, rows, cols, r_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
-                acc += tl.sum(tl.math.exp2(s - lse[:, None]), axis=0)
+                # Transposed logits (keys x rows): the dot's M is BLOCK_N = 64 keys, not the
+                # 16 scored rows, so it compiles to wgmma (M >= 64) instead of mma.sync.
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                if HAS_BIAS:
+                    st += kb[:, None] * 1.4426950408889634
+                valid = col_ok[:, None] & r_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[:, None] <= rows[None, :] + diag)
+                st = tl.where(valid, st, float("-inf"))
+                acc += tl.sum(tl.math.exp2(st - lse[None, :]), axis=1)
     tl.store(imp_ptr + b64 * stride_bias_b + k_off + cols, acc * inv_count, mask=col_ok)
 
 

@@ -112,8 +112,12 @@ def test_merged_attention(dtype, varlen):
     k = torch.randn(shape_kv, device=DEVICE, requires_grad=True)
     v = torch.randn(shape_kv, device=DEVICE, requires_grad=True)
     s = (0.5 * torch.rand(bias_shape, device=DEVICE)).requires_grad_()
-    _compare(lambda be, q, k, v, s: fk.merged_attention(q, k, v, key_log_size=s, causal=True, backend=be, **kw),
-             (q, k, v, s), dtype, fp32_inputs=(3,))
+    # With importance rows: the importance kernel's transposed (keys x rows) dot and 64-key blocks.
+    def fn(be, q, k, v, s):
+        out, imp = fk.merged_attention(q, k, v, key_log_size=s, causal=True, importance_rows=[-1, 3, 70], backend=be, **kw)
+        return out, imp.detach()  # not differentiable (the reference's would carry a graph)
+
+    _compare(fn, (q, k, v, s), dtype, fp32_inputs=(3,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
