@@ -505,8 +505,10 @@ def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
     if kind == "importance":
         return dict(BLOCK_N=64, num_warps=8, num_stages=2)
     if dtype == torch.float32:
-        # fp32 runs for tests only: small tiles keep 4-byte operands within shared memory.
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        # fp32 runs for tests only (IEEE dots on CUDA cores, which need many registers): 32 x 16
+        # tiles, 2 cp.async stages. Forward, dQ and importance compile without spills; dK/dV
+        # still spills (~370 B; allow-listed in tests/compile_triton_sm90.py).
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     # Chosen so that sm_90 compiles without register spills (checked with cuobjdump -res-usage).
     wide = _block_d(geom.head_dim) > 64
     if kind == "fwd":
