@@ -6,8 +6,8 @@
 // layout transformers' InternVLModel.pixel_shuffle produces). Windows tile the grid, so every
 // input row belongs to exactly one output row: backward scatters without atomics.
 //
-// Each thread owns the same VEC-wide channel slots for every row, so the shared-memory row
-// cache and the dweight/dbias accumulators need no synchronisation beyond the reductions.
+// Each thread owns the same VEC-wide channel slots (ITEMS of them) for every row, so the row and
+// the dweight/dbias accumulators live in registers and only the reductions synchronise.
 #pragma once
 #include "common.cuh"
 
@@ -35,59 +35,70 @@ __device__ __forceinline__ int64_t smn_src_offset(const SmnGeom& g, int64_t row,
   return t * st + static_cast<int64_t>(i * g.grid_w + j) * sn + c;
 }
 
-template <typename T, int VEC>
-__global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
-                               const float* __restrict__ weight,  // (W,)
-                               const float* __restrict__ bias,    // (W,)
-                               T* __restrict__ out,               // (rows, W)
-                               float* __restrict__ mean_out,      // (rows,)
-                               float* __restrict__ rstd_out,      // (rows,)
-                               SmnGeom g, float eps) {
-  extern __shared__ float smem[];  // [W] merged row in fp32, then [32] reduction scratch
-  float* row_cache = smem;
-  float* scratch = smem + g.width;
+// Forward: like the backward, thread t owns the vectors v = t + i * blockDim.x (i < ITEMS) of
+// every row, so the merged row stays in registers between the mean, the two-pass variance and
+// the normalisation: no shared-memory row cache (whose per-element accesses at a VEC-float
+// stride were 8-way bank conflicts), only the reduction scratch.
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
+                                                      const float* __restrict__ weight,  // (W,)
+                                                      const float* __restrict__ bias,    // (W,)
+                                                      T* __restrict__ out,               // (rows, W)
+                                                      float* __restrict__ mean_out,      // (rows,)
+                                                      float* __restrict__ rstd_out,      // (rows,)
+                                                      SmnGeom g, float eps) {
+  __shared__ float scratch[2][32];
   const int nvec = g.width / VEC;
   const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
   const float inv_width = 1.f / static_cast<float>(g.width);
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+    float acc[ITEMS][VEC];
     float local = 0.f;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[i][e] = 0.f;
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
       const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
-      float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[i][e] += vals[e];
         }
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        acc[e] *= inv_merge;
-        row_cache[cf + e] = acc[e];
-        local += acc[e];
+        acc[i][e] *= inv_merge;
+        local += acc[i][e];
       }
     }
-    const float mean = block_sum(local, scratch) * inv_width;
-    // Two-pass variance from the cached row: robust when |mean| >> std.
+    const float mean = block_sum(local, scratch[0]) * inv_width;
+    // Two-pass variance from the registers: robust when |mean| >> std.
     local = 0.f;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (threadIdx.x + i * blockDim.x >= nvec) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float d = row_cache[v * VEC + e] - mean;
+        const float d = acc[i][e] - mean;
         local += d * d;
       }
     }
-    const float rstd = rsqrtf(block_sum(local, scratch) * inv_width + eps);
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int cf = v * VEC;
-      float y[VEC];
+    const float rstd = rsqrtf(block_sum(local, scratch[1]) * inv_width + eps);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        y[e] = (row_cache[cf + e] - mean) * rstd * weight[cf + e] + bias[cf + e];
-      }
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
+      const int cf = v * VEC;
+      float w[VEC], b[VEC], y[VEC];
+      load_f32<float, VEC>(weight + cf, w);
+      load_f32<float, VEC>(bias + cf, b);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) y[e] = (acc[i][e] - mean) * rstd * w[e] + b[e];
       store_f32<T, VEC>(out + row * g.width + cf, y);
     }
     if (threadIdx.x == 0) {

@@ -644,21 +644,18 @@ def _cuda_launch(name: str, mangled: str) -> tuple[int, int, int, str] | None:
         if vec == 1:
             return None
         nvec = TARGET_W // vec
-        threads = min(512, max(64, -(-nvec // 32) * 32))
+        items = int(re.search(r"Li\d+ELi(\d+)E", mangled).group(1))
+        # Register-resident rows: ITEMS vectors per thread (csrc row_items), static scratch only.
+        want = 1
+        while want < 32 and -(-nvec // want) > 512:
+            want *= 2
+        if items != want:
+            return None  # an instantiation for other widths
+        threads = max(64, -(-(-(-nvec // items)) // 32) * 32)
         if "smn_fwd" in name:
-            return threads, (TARGET_W + 32) * 4, 1, f"W={TARGET_W}"
-        items = re.search(r"Li\d+ELi(\d+)E", mangled)
-        if items:  # register-resident backward: ITEMS vectors per thread (csrc bwd_items), static scratch
-            items = int(items.group(1))
-            want = 1
-            while want < 32 and -(-nvec // want) > 512:
-                want *= 2
-            if items != want:
-                return None  # an instantiation for other widths
-            threads = max(64, -(-(-(-nvec // items)) // 32) * 32)
-            per_sm = 2 if vec == 8 else 1  # csrc launch bounds / cuda/shuffle_merge_norm.py's grid
-            return threads, 0, per_sm, f"W={TARGET_W} items={items}"
-        return threads, (3 * TARGET_W + 32) * 4, 2, f"W={TARGET_W}"
+            return threads, 0, 1, f"W={TARGET_W} items={items}"
+        per_sm = 2 if vec == 8 else 1  # csrc launch bounds / cuda/shuffle_merge_norm.py's grid
+        return threads, 0, per_sm, f"W={TARGET_W} items={items}"
     if "tome_match" in name:
         return 256, 0, 1, "tokens=1024 C=1024"
     if "tome_merge" in name or "tome_unmerge" in name:

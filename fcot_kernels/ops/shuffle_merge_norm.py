@@ -16,11 +16,11 @@ from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
 
 
-# The CUDA forward caches one fp32 row in shared memory (163 KiB, sm_80's opt-in maximum, allows
-# 41,700 channels); the backward holds the row in registers, at most 32 vectors per thread at 512
-# threads (16,384 elements on the scalar, unaligned path). This bound comes from the former
-# 3-row shared-memory backward and stays below both; raising it waits for a GPU run of the new
-# backward. Checked at forward time so that auto never picks a forward whose backward cannot run.
+# The CUDA kernels hold a row in registers, at most 32 vectors per thread at 512 threads (16,384
+# elements on the scalar, unaligned path). This bound comes from the former shared-memory
+# kernels (3 fp32 rows in 163 KiB) and stays below that; raising it waits for a GPU run of the
+# register-resident kernels. Checked at forward time so that auto never picks a forward whose
+# backward cannot run.
 CUDA_MAX_WIDTH = (163 * 1024 // 4 - 32) // 3
 
 
