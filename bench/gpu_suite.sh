@@ -1,20 +1,44 @@
 #!/usr/bin/env bash
-# GPU evidence run (../shared/GPU.md): environment, sm_90 build, the whole test suite on the GPU,
-# CUDA tests under compute-sanitizer, benchmarks with the measured ceilings.
+# GPU evidence run (../shared/GPU.md) in timed stages that fit one 15-minute GPU lease:
+# at most 8 minutes in all on an H100, each stage capped by `timeout` and writing its file as it
+# goes (a cut run still returns what the finished stages wrote).
 #
 #   bash bench/gpu_suite.sh OUTDIR [COMMIT]
 #
-# Writes at most 6 files into OUTDIR: system.txt, build.log, tests.log, sanitizer.log, bench.log,
-# bench.csv + bench.json. Copy them to bench/results/<device>/<date>-<short commit>/ and commit.
-# FCOT_BENCH_SHAPES=target|all (default target) picks the benchmark shapes.
+# Files (8 at most, all in OUTDIR): system.txt, stages.txt (each stage's seconds and exit status,
+# appended as it ends), build.log, tests.log, sanitizer.log, bench.log, bench.csv, bench.json.
+# Copy them to bench/results/<device>/<date>-<short commit>/ and commit them as produced; the
+# benchmark also folds the backend timings into fcot_kernels/dispatch_table.json (commit it too).
+#
+# Stage budgets (seconds; FCOT_STAGE_SCALE multiplies them all): build 120, tests 150,
+# sanitizer 75, bench 135 -> 480 s = 8 min worst case. FCOT_BENCH_SHAPES=target|all (default target).
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR [COMMIT]}
 mkdir -p "$OUT"
 export FCOT_GIT_COMMIT=${2:-${FCOT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+SCALE=${FCOT_STAGE_SCALE:-1}
+STAGES="$OUT/stages.txt"
 status=0
+: > "$STAGES"
 
+budget() { $PY -c "print(int($1 * $SCALE))"; }
+
+# stage NAME BUDGET_S LOGFILE COMMAND...: run COMMAND under `timeout`, output streamed into
+# LOGFILE as it is produced, then append "NAME seconds exit" to stages.txt.
+stage() {
+  local name=$1 limit; limit=$(budget "$2"); local log=$3; shift 3
+  local start=$SECONDS
+  echo "== $name (budget ${limit}s) $(date -u +%T)" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" >> "$log"
+  printf '%-10s %4ds  exit %d%s\n' "$name" $((SECONDS - start)) $rc "$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$STAGES"
+  return $rc
+}
+
+# 0. The environment and the commit (the tree on the GPU machine may have no .git).
 {
   echo "commit: $FCOT_GIT_COMMIT"; date -u
   nvidia-smi
@@ -22,24 +46,35 @@ status=0
   nvcc --version | tail -2
 } > "$OUT/system.txt" 2>&1
 
-# 1. Build for sm_90 with the installed torch (no network, no build isolation).
-FCOT_REQUIRE_CUDA=1 FCOT_CUDA_ARCHS=90 $PY -m pip install -v --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
-  || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+# 1. Build the CUDA extension for sm_90 with the installed torch (no network, no build isolation).
+: > "$OUT/build.log"
+stage build 120 "$OUT/build.log" env FCOT_REQUIRE_CUDA=1 FCOT_CUDA_ARCHS=90 \
+  $PY -m pip install -v --no-deps --no-build-isolation -e . || { tail -30 "$OUT/build.log"; exit 1; }
 $PY -c "import fcot_kernels as fk; [print(n, s.available, s.reason) for n, s in fk.backends().items()]" >> "$OUT/system.txt" 2>&1
 
-# 2. The whole suite on the GPU (every backend), then the CUDA kernels under compute-sanitizer.
-FCOT_REQUIRE_CUDA=1 $PY -m pytest tests -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
+# 2. The GPU tests of every op (on a GPU the launchers use their GPU configurations; bf16 and
+#    fp16 included), the slowest real-shape cases deselected to fit the budget.
+: > "$OUT/tests.log"
+stage tests 150 "$OUT/tests.log" env FCOT_REQUIRE_CUDA=1 \
+  $PY -m pytest tests/fcot_kernels -q -rs -x -p no:cacheprovider -m "not slow" -k "not fuzz" || status=1
 tail -3 "$OUT/tests.log"
-{
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool"
-    compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest tests -q -x -p no:cacheprovider \
-      -k "cuda and not fuzz and not real_shapes" || status=1
-  done
-} > "$OUT/sanitizer.log" 2>&1
-grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log"
 
-# 3. Benchmarks and ceilings (device copy bandwidth, bf16 matmul) in the same run.
-$PY -m bench.run --shapes "${FCOT_BENCH_SHAPES:-target}" --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+# 3. compute-sanitizer on a few tiny cases per CUDA kernel: memcheck for all of them, racecheck
+#    for the kernels with shared memory (shuffle_merge_norm's reductions, the ToMe match tiles).
+: > "$OUT/sanitizer.log"
+stage memcheck 45 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY -m pytest tests/fcot_kernels/ops/test_shuffle_merge_norm.py tests/fcot_kernels/ops/test_tome_merge.py \
+  -q -x -p no:cacheprovider -k "cuda and not fuzz and not real" || status=1
+stage racecheck 30 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 \
+  $PY -m pytest tests/fcot_kernels/ops/test_shuffle_merge_norm.py tests/fcot_kernels/ops/test_tome_merge.py \
+  -q -x -p no:cacheprovider -k "cuda and matches_reference and not fuzz and not real" || status=1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.log"
+
+# 4. The target-shape benchmarks with both ceilings (device copy bandwidth, bf16 matmul) measured
+#    in the same run; bench.csv/bench.json are rewritten after every op.
+: > "$OUT/bench.log"
+stage bench 135 "$OUT/bench.log" $PY -m bench.run --shapes "${FCOT_BENCH_SHAPES:-target}" --out "$OUT" || status=1
 tail -5 "$OUT/bench.log"
+
+echo "stages:"; cat "$STAGES"
 exit $status

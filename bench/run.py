@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", choices=["cpu", "target", "all"], help="default: all on a GPU, cpu on a CPU")
     p.add_argument("--provider", action="append", help="restrict providers (repeatable)")
     p.add_argument("--mode", action="append", choices=harness.MODES, help="restrict modes (repeatable)")
+    p.add_argument("--dispatch-table", type=Path, default=None,
+                   help="on a GPU, fold the backend timings into this dispatch table (default: the package's "
+                        "fcot_kernels/dispatch_table.json); 'none' to skip")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         all_rows += rows
         harness.write_results(all_rows, args.out, "bench")  # rewritten after each op: partial runs keep data
     print(f"\nwrote {args.out / 'bench.csv'} and {args.out / 'bench.json'}")
+    if device.type == "cuda" and str(args.dispatch_table).lower() != "none":
+        from fcot_kernels import dispatch
+
+        path = args.dispatch_table or dispatch.TABLE_PATH
+        table = dispatch.measured_table([asdict(r) for r in all_rows],
+                                        json.loads(path.read_text()) if path.exists() else {})
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"wrote the measured backend order into {path}")
     return 0
 
 

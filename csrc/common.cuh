@@ -59,6 +59,20 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[VEC]) {
   }
 }
 
+// fp32 row slice store, 16 bytes at a time when VEC allows (p 16-byte aligned then).
+template <int VEC>
+__device__ __forceinline__ void store_f32_plain(float* p, const float (&in)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC / 4; ++j) {
+      reinterpret_cast<float4*>(p)[j] = make_float4(in[4 * j], in[4 * j + 1], in[4 * j + 2], in[4 * j + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p[e] = in[e];
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

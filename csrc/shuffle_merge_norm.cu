@@ -1,11 +1,9 @@
-// Launchers for shuffle_merge_norm: pick the vector width, block size and grid, set the
-// dynamic shared memory and launch on the caller's stream. Validation lives in bindings.cpp.
+// Launchers for shuffle_merge_norm: pick the vector width, the vectors per thread, block size
+// and grid, and launch on the caller's stream. Validation lives in bindings.cpp.
 #include "shuffle_merge_norm.cuh"
 
 namespace fcot {
 namespace {
-
-constexpr int kScratchFloats = 32;
 
 SmnGeom make_geom(const ShuffleMergeNormShape& s) {
   SmnGeom g;
@@ -36,18 +34,6 @@ bool can_vectorize(const ShuffleMergeNormShape& s, std::initializer_list<const v
   return true;
 }
 
-int threads_for(int nvec) {
-  int t = ((nvec + 31) / 32) * 32;
-  return t < 64 ? 64 : (t > 512 ? 512 : t);
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, int64_t bytes) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(bytes)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-}
-
 }  // namespace
 
 int64_t smn_out_rows(const ShuffleMergeNormShape& s) {
@@ -55,10 +41,12 @@ int64_t smn_out_rows(const ShuffleMergeNormShape& s) {
 }
 int64_t smn_out_width(const ShuffleMergeNormShape& s) { return s.r * s.r * s.channels; }
 int64_t smn_fwd_smem_bytes(const ShuffleMergeNormShape& s) {
-  return (smn_out_width(s) + kScratchFloats) * static_cast<int64_t>(sizeof(float));
+  (void)s;  // the forward keeps its row in registers: only the static reduction scratch
+  return 0;
 }
 int64_t smn_bwd_smem_bytes(const ShuffleMergeNormShape& s) {
-  return (3 * smn_out_width(s) + kScratchFloats) * static_cast<int64_t>(sizeof(float));
+  (void)s;  // the backward keeps its row state in registers: only the static reduction scratch
+  return 0;
 }
 
 int current_device() {
@@ -74,54 +62,121 @@ int64_t device_max_smem_optin(int device) {
   return v;
 }
 
+namespace {
+
+// Vectors per thread (forward and backward): the fewest (1, 2, 4, ... kMaxItems) that cover the
+// row with at most 512 threads (the kernels' launch bound). The target (W = 4096 bf16) is 1
+// vector of 8 per thread, 512 threads; the 6B width 4; only the unaligned scalar path goes higher.
+constexpr int kMaxItems = 32;
+constexpr int kMaxThreads = 512;
+int row_items(int nvec) {
+  int items = 1;
+  while (items < kMaxItems && (nvec + items - 1) / items > kMaxThreads) items *= 2;
+  return items;
+}
+
+int row_threads(int nvec, int items) {
+  const int t = ((nvec + items - 1) / items + 31) / 32 * 32;
+  return t < 64 ? 64 : t;
+}
+
+void check_items(int nvec, int items, int width, const char* op) {
+  if ((nvec + items - 1) / items > kMaxThreads) {
+    throw std::invalid_argument(std::string("fcot_kernels._C: ") + op + ": row width r*r*C=" + std::to_string(width) +
+                                " needs more than 512 threads x 32 vectors; use the Triton backend");
+  }
+}
+
+template <typename T, int VEC, int ITEMS>
+void launch_fwd(const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x, const float* weight,
+                const float* bias, void* out, float* mean, float* rstd, float eps) {
+  smn_fwd_kernel<T, VEC, ITEMS><<<blocks, row_threads(g.width / VEC, ITEMS), 0, st>>>(
+      static_cast<const T*>(x), weight, bias, static_cast<T*>(out), mean, rstd, g, eps);
+}
+
+template <typename T, int VEC>
+void fwd_by_items(int items, const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x,
+                  const float* weight, const float* bias, void* out, float* mean, float* rstd, float eps) {
+  switch (items) {
+    case 1: launch_fwd<T, VEC, 1>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    case 2: launch_fwd<T, VEC, 2>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    case 4: launch_fwd<T, VEC, 4>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    case 8: launch_fwd<T, VEC, 8>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    case 16: launch_fwd<T, VEC, 16>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    case 32: launch_fwd<T, VEC, 32>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
+    default: throw std::invalid_argument("fcot_kernels._C: smn_fwd: unsupported items per thread");
+  }
+}
+
+}  // namespace
+
 void smn_fwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
              const float* bias, void* out, float* mean, float* rstd, float eps, uintptr_t stream) {
   const SmnGeom g = make_geom(s);
   if (g.rows == 0) return;
-  const int64_t smem = smn_fwd_smem_bytes(s);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  // One block per row while rows are few; grid-stride beyond 65535 x 8 rows is never needed
-  // for real shapes, but the loop keeps any row count correct.
+  // One block per row while rows are few; the grid-stride loop keeps any row count correct.
   const unsigned blocks = static_cast<unsigned>(g.rows < (1 << 20) ? g.rows : (1 << 20));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
-    if (can_vectorize<T>(s, {x, out})) {
-      auto kernel = smn_fwd_kernel<T, kVec>;
-      set_smem(kernel, smem);
-      kernel<<<blocks, threads_for(g.width / kVec), smem, st>>>(
-          static_cast<const T*>(x), weight, bias, static_cast<T*>(out), mean, rstd, g, eps);
+    const bool vec = can_vectorize<T>(s, {x, out});
+    const int nvec = vec ? g.width / kVec : g.width;
+    const int items = row_items(nvec);
+    check_items(nvec, items, g.width, "shuffle_merge_norm_fwd");
+    if (vec) {
+      fwd_by_items<T, kVec>(items, g, blocks, st, x, weight, bias, out, mean, rstd, eps);
     } else {
-      auto kernel = smn_fwd_kernel<T, 1>;
-      set_smem(kernel, smem);
-      kernel<<<blocks, threads_for(g.width), smem, st>>>(
-          static_cast<const T*>(x), weight, bias, static_cast<T*>(out), mean, rstd, g, eps);
+      fwd_by_items<T, 1>(items, g, blocks, st, x, weight, bias, out, mean, rstd, eps);
     }
   });
   check_cuda(cudaGetLastError(), "launching smn_fwd_kernel");
 }
 
+namespace {
+
+template <typename T, int VEC, int ITEMS>
+void launch_bwd(const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x, const float* weight,
+                const void* dy, const float* mean, const float* rstd, void* dx, float* dwp, float* dbp) {
+  smn_bwd_kernel<T, VEC, ITEMS><<<blocks, row_threads(g.width / VEC, ITEMS), 0, st>>>(
+      static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd, static_cast<T*>(dx), dwp, dbp, g);
+}
+
+template <typename T, int VEC>
+void bwd_by_items(int items, const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x,
+                  const float* weight, const void* dy, const float* mean, const float* rstd, void* dx,
+                  float* dwp, float* dbp) {
+  switch (items) {
+    case 1: launch_bwd<T, VEC, 1>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 2: launch_bwd<T, VEC, 2>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 4: launch_bwd<T, VEC, 4>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 8: launch_bwd<T, VEC, 8>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 16: launch_bwd<T, VEC, 16>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    case 32: launch_bwd<T, VEC, 32>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
+    default: throw std::invalid_argument("fcot_kernels._C: smn_bwd: unsupported items per thread");
+  }
+}
+
+}  // namespace
+
 void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
              const void* dy, const float* mean, const float* rstd, void* dx,
              float* dweight_partial, float* dbias_partial, int64_t blocks, uintptr_t stream) {
   const SmnGeom g = make_geom(s);
-  const int64_t smem = smn_bwd_smem_bytes(s);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
-    if (can_vectorize<T>(s, {x, dy, dx})) {
-      auto kernel = smn_bwd_kernel<T, kVec>;
-      set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(blocks), threads_for(g.width / kVec), smem, st>>>(
-          static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd,
-          static_cast<T*>(dx), dweight_partial, dbias_partial, g);
+    const bool vec = can_vectorize<T>(s, {x, dy, dx});
+    const int nvec = vec ? g.width / kVec : g.width;
+    const int items = row_items(nvec);
+    check_items(nvec, items, g.width, "shuffle_merge_norm_bwd");
+    if (vec) {
+      bwd_by_items<T, kVec>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
+                            dweight_partial, dbias_partial);
     } else {
-      auto kernel = smn_bwd_kernel<T, 1>;
-      set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(blocks), threads_for(g.width), smem, st>>>(
-          static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd,
-          static_cast<T*>(dx), dweight_partial, dbias_partial, g);
+      bwd_by_items<T, 1>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
+                         dweight_partial, dbias_partial);
     }
   });
   check_cuda(cudaGetLastError(), "launching smn_bwd_kernel");

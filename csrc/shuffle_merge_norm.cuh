@@ -6,8 +6,8 @@
 // layout transformers' InternVLModel.pixel_shuffle produces). Windows tile the grid, so every
 // input row belongs to exactly one output row: backward scatters without atomics.
 //
-// Each thread owns the same VEC-wide channel slots for every row, so the shared-memory row
-// cache and the dweight/dbias accumulators need no synchronisation beyond the reductions.
+// Each thread owns the same VEC-wide channel slots (ITEMS of them) for every row, so the row and
+// the dweight/dbias accumulators live in registers and only the reductions synchronise.
 #pragma once
 #include "common.cuh"
 
@@ -35,59 +35,70 @@ __device__ __forceinline__ int64_t smn_src_offset(const SmnGeom& g, int64_t row,
   return t * st + static_cast<int64_t>(i * g.grid_w + j) * sn + c;
 }
 
-template <typename T, int VEC>
-__global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
-                               const float* __restrict__ weight,  // (W,)
-                               const float* __restrict__ bias,    // (W,)
-                               T* __restrict__ out,               // (rows, W)
-                               float* __restrict__ mean_out,      // (rows,)
-                               float* __restrict__ rstd_out,      // (rows,)
-                               SmnGeom g, float eps) {
-  extern __shared__ float smem[];  // [W] merged row in fp32, then [32] reduction scratch
-  float* row_cache = smem;
-  float* scratch = smem + g.width;
+// Forward: like the backward, thread t owns the vectors v = t + i * blockDim.x (i < ITEMS) of
+// every row, so the merged row stays in registers between the mean, the two-pass variance and
+// the normalisation: no shared-memory row cache (whose per-element accesses at a VEC-float
+// stride were 8-way bank conflicts), only the reduction scratch.
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
+                                                      const float* __restrict__ weight,  // (W,)
+                                                      const float* __restrict__ bias,    // (W,)
+                                                      T* __restrict__ out,               // (rows, W)
+                                                      float* __restrict__ mean_out,      // (rows,)
+                                                      float* __restrict__ rstd_out,      // (rows,)
+                                                      SmnGeom g, float eps) {
+  __shared__ float scratch[2][32];
   const int nvec = g.width / VEC;
   const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
   const float inv_width = 1.f / static_cast<float>(g.width);
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+    float acc[ITEMS][VEC];
     float local = 0.f;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[i][e] = 0.f;
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
       const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
-      float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[i][e] += vals[e];
         }
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        acc[e] *= inv_merge;
-        row_cache[cf + e] = acc[e];
-        local += acc[e];
+        acc[i][e] *= inv_merge;
+        local += acc[i][e];
       }
     }
-    const float mean = block_sum(local, scratch) * inv_width;
-    // Two-pass variance from the cached row: robust when |mean| >> std.
+    const float mean = block_sum(local, scratch[0]) * inv_width;
+    // Two-pass variance from the registers: robust when |mean| >> std.
     local = 0.f;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (threadIdx.x + i * blockDim.x >= nvec) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float d = row_cache[v * VEC + e] - mean;
+        const float d = acc[i][e] - mean;
         local += d * d;
       }
     }
-    const float rstd = rsqrtf(block_sum(local, scratch) * inv_width + eps);
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int cf = v * VEC;
-      float y[VEC];
+    const float rstd = rsqrtf(block_sum(local, scratch[1]) * inv_width + eps);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        y[e] = (row_cache[cf + e] - mean) * rstd * weight[cf + e] + bias[cf + e];
-      }
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
+      const int cf = v * VEC;
+      float w[VEC], b[VEC], y[VEC];
+      load_f32<float, VEC>(weight + cf, w);
+      load_f32<float, VEC>(bias + cf, b);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) y[e] = (acc[i][e] - mean) * rstd * w[e] + b[e];
       store_f32<T, VEC>(out + row * g.width + cf, y);
     }
     if (threadIdx.x == 0) {
@@ -97,8 +108,14 @@ __global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_
   }
 }
 
-template <typename T, int VEC>
-__global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
+// Backward: thread t owns the vectors v = t + i * blockDim.x, i < ITEMS, of every row (the
+// launcher picks ITEMS * blockDim.x >= W / VEC), so x-hat and the dweight/dbias accumulators
+// are register arrays indexed by compile-time constants: no shared memory but the reduction
+// scratch, no bank conflicts, 16-byte global accesses only. Launch bounds: 512 threads, and two
+// blocks per SM for 16-bit inputs (<= 64 registers; the launcher's grid is 2 blocks per SM), one
+// for fp32 (whose 4-wide vectors need 2 per thread at W = 4096).
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
                                const float* __restrict__ weight,  // (W,)
                                const T* __restrict__ dy,          // (rows, W)
                                const float* __restrict__ mean,    // (rows,)
@@ -107,24 +124,25 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
                                float* __restrict__ dw_partial,    // (gridDim.x, W)
                                float* __restrict__ db_partial,    // (gridDim.x, W)
                                SmnGeom g) {
-  extern __shared__ float smem[];  // [W] xhat, [W] dweight acc, [W] dbias acc, [32] scratch
-  float* xhat = smem;
-  float* dw_acc = smem + g.width;
-  float* db_acc = smem + 2 * g.width;
-  float* scratch = smem + 3 * g.width;
+  __shared__ float scratch[2][32];  // two reduction buffers: the row's two sums back to back
   const int nvec = g.width / VEC;
   const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
   const float inv_width = 1.f / static_cast<float>(g.width);
   const int64_t dx_st = static_cast<int64_t>(g.grid_hw) * g.C;
-
-  for (int i = threadIdx.x; i < g.width; i += blockDim.x) dw_acc[i] = db_acc[i] = 0.f;
-  // Zeroing and the final write use element-strided slots, the row loop vector-strided ones.
-  __syncthreads();
+  float xhat[ITEMS][VEC], dw_acc[ITEMS][VEC], db_acc[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dw_acc[i][e] = db_acc[i][e] = 0.f;
+  }
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const float mu = mean[row], rs = rstd[row];
     float s_g = 0.f, s_gx = 0.f;  // sum(dy*w), sum(dy*w*xhat)
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
       const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
       float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
@@ -135,31 +153,33 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
           for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
         }
       }
-      float d[VEC];
+      float d[VEC], w[VEC];
       load_f32<T, VEC>(dy + row * g.width + cf, d);
+      load_f32<float, VEC>(weight + cf, w);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float xh = (acc[e] * inv_merge - mu) * rs;
-        const float gw = d[e] * weight[cf + e];
-        xhat[cf + e] = xh;
+        const float gw = d[e] * w[e];
+        xhat[i][e] = xh;
         s_g += gw;
         s_gx += gw * xh;
-        dw_acc[cf + e] += d[e] * xh;
-        db_acc[cf + e] += d[e];
+        dw_acc[i][e] += d[e] * xh;
+        db_acc[i][e] += d[e];
       }
     }
     if (dx == nullptr) continue;  // uniform across the block: no reduction is skipped unevenly
-    s_g = block_sum(s_g, scratch) * inv_width;
-    s_gx = block_sum(s_gx, scratch) * inv_width;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
-      float d[VEC];
-      load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
-      float dz[VEC];
+    s_g = block_sum(s_g, scratch[0]) * inv_width;
+    s_gx = block_sum(s_gx, scratch[1]) * inv_width;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        dz[e] = rs * (d[e] * weight[cf + e] - s_g - xhat[cf + e] * s_gx) * inv_merge;
-      }
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v >= nvec) continue;
+      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
+      float d[VEC], w[VEC], dz[VEC];
+      load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
+      load_f32<float, VEC>(weight + cf, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dz[e] = rs * (d[e] * w[e] - s_g - xhat[i][e] * s_gx) * inv_merge;
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           store_f32<T, VEC>(dx + smn_src_offset(g, row, k, c, mi, mj, dx_st, g.C), dz);
@@ -167,10 +187,13 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
       }
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < g.width; i += blockDim.x) {
-    dw_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = dw_acc[i];
-    db_partial[blockIdx.x * static_cast<int64_t>(g.width) + i] = db_acc[i];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int v = threadIdx.x + i * blockDim.x;
+    if (v >= nvec) continue;
+    const int64_t off = blockIdx.x * static_cast<int64_t>(g.width) + v * VEC;
+    store_f32_plain<VEC>(dw_partial + off, dw_acc[i]);
+    store_f32_plain<VEC>(db_partial + off, db_acc[i]);
   }
 }
 

@@ -21,6 +21,16 @@ int merge_threads(int64_t channels) {
   return static_cast<int>(t < 128 ? 128 : (t > 512 ? 512 : t));
 }
 
+template <typename T>
+bool merge_vectorizable(const TomeMergeShape& s, std::initializer_list<const void*> ptrs) {
+  constexpr int vec = 16 / sizeof(T);
+  if (s.channels % vec || s.stride_t % vec || s.stride_b % vec) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 void tome_merge_fwd(DType dtype, const TomeMergeShape& s, const void* x, const float* size,
@@ -31,8 +41,14 @@ void tome_merge_fwd(DType dtype, const TomeMergeShape& s, const void* x, const f
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    tome_merge_kernel<T><<<grid, merge_threads(s.channels), 0, st>>>(
-        static_cast<const T*>(x), size, order, offsets, static_cast<T*>(out), out_size, g);
+    constexpr int kVec = 16 / sizeof(T);
+    if (merge_vectorizable<T>(s, {x, out})) {
+      tome_merge_kernel<T, kVec><<<grid, merge_threads(s.channels / kVec), 0, st>>>(
+          static_cast<const T*>(x), size, order, offsets, static_cast<T*>(out), out_size, g);
+    } else {
+      tome_merge_kernel<T, 1><<<grid, merge_threads(s.channels), 0, st>>>(
+          static_cast<const T*>(x), size, order, offsets, static_cast<T*>(out), out_size, g);
+    }
   });
   check_cuda(cudaGetLastError(), "launching tome_merge_kernel");
 }
@@ -44,8 +60,15 @@ void tome_merge_bwd(DType dtype, const TomeMergeShape& s, const void* dy, const 
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    tome_unmerge_kernel<T><<<grid, merge_threads(s.channels), 0, st>>>(
-        static_cast<const T*>(dy), size, out_size, source, static_cast<T*>(dx), g);
+    constexpr int kVec = 16 / sizeof(T);
+    // dy and dx are contiguous (batch, tokens, C): only C and the pointers decide.
+    if (s.channels % kVec == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0 && reinterpret_cast<uintptr_t>(dx) % 16 == 0) {
+      tome_unmerge_kernel<T, kVec><<<grid, merge_threads(s.channels / kVec), 0, st>>>(
+          static_cast<const T*>(dy), size, out_size, source, static_cast<T*>(dx), g);
+    } else {
+      tome_unmerge_kernel<T, 1><<<grid, merge_threads(s.channels), 0, st>>>(
+          static_cast<const T*>(dy), size, out_size, source, static_cast<T*>(dx), g);
+    }
   });
   check_cuda(cudaGetLastError(), "launching tome_unmerge_kernel");
 }

@@ -14,7 +14,9 @@ struct TomeMergeGeom {
   int tokens, tokens_out, C;
 };
 
-template <typename T>
+// VEC channels per thread step: 16-byte accesses (VEC = 16 / sizeof(T)) when C, the strides
+// and the pointers allow, else 1.
+template <typename T, int VEC>
 __global__ void tome_merge_kernel(const T* __restrict__ x,              // (batch, tokens, C), strided
                                   const float* __restrict__ size,       // (batch, tokens)
                                   const int64_t* __restrict__ order,    // (batch, tokens)
@@ -32,18 +34,24 @@ __global__ void tome_merge_kernel(const T* __restrict__ x,              // (batc
   for (int64_t k = start; k < end; ++k) total += sizes[members[k]];
   const float inv_total = 1.f / total;
   T* dst = out + (batch * g.tokens_out + o) * g.C;
-  for (int c = threadIdx.x; c < g.C; c += blockDim.x) {
-    float acc = 0.f;
+  for (int c = threadIdx.x * VEC; c < g.C; c += blockDim.x * VEC) {
+    float acc[VEC] = {};
     for (int64_t k = start; k < end; ++k) {
       const int64_t i = members[k];
-      acc += sizes[i] * to_f32(xb[i * g.stride_t + c]);
+      const float w = sizes[i];
+      float vals[VEC];
+      load_f32<T, VEC>(xb + i * g.stride_t + c, vals);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += w * vals[e];
     }
-    dst[c] = from_f32<T>(acc * inv_total);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] *= inv_total;
+    store_f32<T, VEC>(dst + c, acc);
   }
   if (threadIdx.x == 0) out_size[batch * g.tokens_out + o] = total;
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void tome_unmerge_kernel(const T* __restrict__ dy,             // (batch, tokens_out, C)
                                     const float* __restrict__ size,       // (batch, tokens)
                                     const float* __restrict__ out_size,   // (batch, tokens_out)
@@ -55,7 +63,13 @@ __global__ void tome_unmerge_kernel(const T* __restrict__ dy,             // (ba
   const float w = size[batch * g.tokens + i] / out_size[batch * g.tokens_out + o];
   const T* src = dy + (batch * g.tokens_out + o) * g.C;
   T* dst = dx + (batch * g.tokens + i) * g.C;
-  for (int c = threadIdx.x; c < g.C; c += blockDim.x) dst[c] = from_f32<T>(w * to_f32(src[c]));
+  for (int c = threadIdx.x * VEC; c < g.C; c += blockDim.x * VEC) {
+    float vals[VEC];
+    load_f32<T, VEC>(src + c, vals);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) vals[e] *= w;
+    store_f32<T, VEC>(dst + c, vals);
+  }
 }
 
 }  // namespace fcot

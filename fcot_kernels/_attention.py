@@ -2,9 +2,13 @@
 counterpart of ``_validation.shuffle_geometry``; generic checks come from ``_validation``).
 
 Every check raises ``TypeError``/``ValueError`` naming the argument, the value received and
-what was expected; the kernels assume these checks passed. Checking ``cu_seqlens_*``, the
-finiteness of ``key_log_size`` and the range of ``importance_rows`` reads them on the host
-(one device sync per call; flash-attn skips these checks, we trade the sync for clear errors).
+what was expected; the kernels assume these checks passed. Shapes are checked on the host.
+The values of ``cu_seqlens_*`` and ``key_log_size`` are checked on the host (precise messages)
+only for CPU tensors in eager mode or with ``FCOT_DEBUG_FINITE=1``; otherwise (GPU tensors, and
+inside ``torch.compile``) the same checks run on the device (``torch._assert_async``: no host
+sync, no graph break; a violation surfaces as a device-side assert naming the check). Varlen
+calls read ``cu_seqlens_*`` on the host only when ``max_seqlen_q/k`` are not given (the grid
+needs them) or when ``importance_rows`` are asked for (their range depends on each length).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_positive_float, check_tensor
+from ._validation import FLOAT_DTYPES, check_positive_float, check_tensor, debug_finite
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 """Head dims of the Triton kernels (80 and 96 run in a 128-wide, masked tile)."""
@@ -53,6 +57,23 @@ def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     return value
+
+
+def host_value_checks(t: torch.Tensor) -> bool:
+    """Whether value checks may read ``t`` on the host: CPU tensors in eager mode, or always with
+    ``FCOT_DEBUG_FINITE=1``. Elsewhere they run on the device (:func:`torch._assert_async`)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or debug_finite()
+
+
+def _cu_device_checks(name: str, cu: torch.Tensor, total: int, max_len: int, packed: str) -> None:
+    """The checks of :func:`_cu_lengths` without a host sync (device-side asserts)."""
+    lengths = cu[1:] - cu[:-1]
+    torch._assert_async(cu[0] == 0, f"{name}[0] must be 0")
+    torch._assert_async((lengths >= 0).all(), f"{name} must be non-decreasing (cumulative sequence lengths)")
+    torch._assert_async(cu[-1] == total, f"{name}[-1] must equal the packed length of {packed} ({total})")
+    torch._assert_async((lengths <= max_len).all(), f"a sequence in {name} is longer than max_seqlen ({max_len})")
 
 
 def _cu_lengths(name: str, cu: object, total: int, device: torch.device, packed: str) -> list[int]:
@@ -95,9 +116,10 @@ def attention_geometry(
     cu_seqlens_k: object,
     max_seqlen_q: object,
     max_seqlen_k: object,
-) -> tuple[AttnGeometry, list[int]]:
+) -> tuple[AttnGeometry, list[int] | None]:
     """Validate the tensors of a merged_attention call; returns the geometry and the query
-    length of every sequence."""
+    length of every sequence (None when the varlen values were checked on the device: read them
+    with :func:`query_lengths` if needed)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
@@ -121,7 +143,27 @@ def attention_geometry(
             f"the query heads (q.shape[-2]={heads_q}) must be a positive multiple of the key/value heads "
             f"(k.shape[-2]={heads_kv}) for grouped-query attention"
         )
-    if varlen:
+    if varlen and max_seqlen_q is not None and max_seqlen_k is not None and not host_value_checks(q):
+        # No host sync: the geometry comes from the shapes and max_seqlen_*, the values of
+        # cu_seqlens_* are checked on the device.
+        for name, cu, total, packed, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q),
+                                                 ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k)):
+            check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=q.device)
+            if cu.numel() < 2:
+                raise ValueError(f"{name} must have at least 2 entries (B + 1 for B sequences), got {cu.numel()}")
+            longest = _check_int(f"max_seqlen_{packed}", longest)
+            if longest < 1:
+                raise ValueError(f"max_seqlen_{packed}={longest} must be >= 1")
+            _cu_device_checks(name, cu, total, longest, packed)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(
+                f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k has "
+                f"{cu_seqlens_k.numel() - 1}; they must match"
+            )
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        total_q, total_k = q.shape[0], k.shape[0]
+        lengths_q = None  # read on the host only if importance_rows need them
+    elif varlen:
         lengths_q = _cu_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "q")
         lengths_k = _cu_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "k")
         if len(lengths_q) != len(lengths_k):
@@ -152,10 +194,20 @@ def attention_geometry(
                 f"key_log_size must have shape {geom.bias_shape} (one value per key: "
                 f"{'(total_k,)' if varlen else '(B, L_k)'}), got {tuple(key_log_size.shape)}"
             )
-        bad = (~torch.isfinite(key_log_size)).sum().item()
-        if bad:
-            raise ValueError(f"key_log_size has {bad} non-finite values; expected finite log sizes (0 for text tokens)")
+        if host_value_checks(key_log_size):
+            bad = (~torch.isfinite(key_log_size)).sum().item()
+            if bad:
+                raise ValueError(f"key_log_size has {bad} non-finite values; expected finite log sizes (0 for text tokens)")
+        else:
+            torch._assert_async(torch.isfinite(key_log_size).all(),
+                                "key_log_size has non-finite values; expected finite log sizes (0 for text tokens)")
     return geom, lengths_q
+
+
+def query_lengths(cu_seqlens_q: torch.Tensor) -> list[int]:
+    """The query length of every packed sequence (reads ``cu_seqlens_q`` on the host)."""
+    bounds = cu_seqlens_q.tolist()
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def attention_scale(scale: object, head_dim: int) -> float:

@@ -12,7 +12,8 @@ import torch
 from ._alloc import poison_outputs
 from .dispatch import backends
 
-__all__ = ["TOLERANCES", "assert_close", "assert_matches_reference", "runnable_backends", "poison_outputs"]
+__all__ = ["TOLERANCES", "assert_close", "assert_match_contract", "assert_matches_reference", "runnable_backends",
+           "poison_outputs"]
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
@@ -72,3 +73,29 @@ def runnable_backends(device: torch.device | str, *, has_cuda: bool = True) -> l
     if has_cuda and status["cuda"].available and device.type == "cuda":
         names.append("cuda")
     return names
+
+
+def assert_match_contract(score: torch.Tensor, index: torch.Tensor, metric: torch.Tensor, protected: int) -> dict:
+    """A backend's ``tome_match`` result against the reference under the contract of
+    :func:`fcot_kernels.reference.tome_merge.score_tolerance` (scores within the summation-order
+    tolerance, near-argmax picks, exact picks where the best candidate is clear). Returns how
+    many A rows were clear and how many were near-ties, so a test can show both were exercised."""
+    from .reference.tome_merge import inverse_norm_ref, score_tolerance
+
+    tol = score_tolerance(metric.shape[-1])
+    m = metric[:, protected:].float()
+    a, b = m[:, 0::2], m[:, 1::2]
+    full = (a @ b.transpose(1, 2)).double() * inverse_norm_ref(a)[:, :, None].double() * inverse_norm_ref(b)[:, None, :].double()
+    best, ref_index = full.max(dim=-1)
+    diff = (score.double() - best).abs()
+    assert diff.max() <= tol, f"score differs from the reference by {diff.max().item():.3g} > tolerance {tol:.3g}"
+    picked = full.gather(-1, index.long()[..., None])[..., 0]
+    shortfall = best - picked
+    assert shortfall.max() <= 2 * tol, (
+        f"a chosen B token scores {shortfall.max().item():.3g} below the row's best (> 2 x tolerance {tol:.3g})"
+    )
+    second = full.scatter(-1, ref_index[..., None], float("-inf")).max(dim=-1).values if full.shape[-1] > 1 else best - 1
+    clear = (best - second) > 2 * tol
+    wrong = clear & (index.long() != ref_index)
+    assert not wrong.any(), f"{int(wrong.sum())} A row(s) with a clear best B token chose another"
+    return {"clear": int(clear.sum()), "near_ties": int((~clear).sum())}

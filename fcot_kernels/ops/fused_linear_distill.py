@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from .._attention import host_value_checks
 from .._validation import (
     FLOAT_DTYPES,
     check_choice,
@@ -33,6 +34,13 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 def _impl(backend: str):
     return importlib.import_module(f"fcot_kernels.{backend}.fused_linear_distill")
+
+
+@torch.compiler.assume_constant_result
+def _default_chunk(backend: str, n: int, v: int) -> int:
+    # A pure function of ints: torch.compile evaluates it once while tracing (the module lookup
+    # inside is not traceable and would break the graph).
+    return _impl(backend).default_chunk(n, v)
 
 
 @torch.library.custom_op("fcot::fld_fwd", mutates_args=())
@@ -153,11 +161,14 @@ def _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teac
         if labels.device != student_hidden.device:
             raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels[{i}]={int(labels[i])} is outside [0, V={v}) and is not ignore_index={ignore_index}"
-            )
+        if host_value_checks(labels):
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"labels[{i}]={int(labels[i])} is outside [0, V={v}) and is not ignore_index={ignore_index}"
+                )
+        else:  # on a GPU / under torch.compile: checked on the device, no host sync
+            torch._assert_async(~bad.any(), f"labels outside [0, V={v}) that are not ignore_index={ignore_index}")
     if debug_finite():
         check_finite("student_hidden", student_hidden)
         check_finite("teacher_hidden", teacher_hidden)
@@ -229,7 +240,9 @@ def fused_linear_distill(
         backward only scales them), so a forward under ``torch.no_grad`` skips them.
 
     Set ``FCOT_DEBUG_FINITE=1`` to check both hidden states for NaN/inf on every call (off by
-    default: the check costs a pass over them and a host sync).
+    default: the check costs a pass over them and a host sync). The range of ``labels`` is
+    checked on the host for CPU tensors (or with that flag), and on the device otherwise
+    (a device-side assert: no host sync on a GPU, no graph break under torch.compile).
     """
     _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, ignore_index)
     temperature = check_positive_float("temperature", temperature)
@@ -264,7 +277,7 @@ def fused_linear_distill(
         return fused_linear_distill_ref(student_hidden, teacher_hidden, weight, bias, **kwargs)
 
     n, v = student_hidden.shape[0], weight.shape[0]
-    chunk = chunk_size if chunk_size is not None else _impl(name).default_chunk(n, v)
+    chunk = chunk_size if chunk_size is not None else _default_chunk(name, n, v)
     grad_on = torch.is_grad_enabled()
     loss, _, _, _ = _fld_fwd(
         student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,

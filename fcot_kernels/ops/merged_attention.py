@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._attention import AttnGeometry, attention_geometry, attention_scale, importance_row_index
+from .._attention import AttnGeometry, attention_geometry, attention_scale, importance_row_index, query_lengths
 from ..dispatch import resolve
 from ..reference.merged_attention import merged_attention_ref
 
@@ -191,7 +191,10 @@ def merged_attention(
     inside the kernel; memory beyond the inputs and outputs is the fp32 log-sum-exp per (head,
     query row), O(L). The backward recomputes the probabilities from it and reduces dK/dV over
     each KV head's query group in registers. Softmax statistics and all accumulations are fp32.
-    Validation reads ``cu_seqlens_*``, ``key_log_size`` and ``importance_rows`` on the host.
+    No host sync on a GPU when ``max_seqlen_q/k`` are given (varlen) and ``importance_rows`` is
+    not: the values of ``cu_seqlens_*`` and ``key_log_size`` are then checked on the device
+    (``FCOT_DEBUG_FINITE=1`` checks them on the host, with precise messages); see
+    ``fcot_kernels/_attention.py``.
     """
     geom, lengths_q = attention_geometry(
         q, k, v, key_log_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
@@ -199,6 +202,8 @@ def merged_attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
     scale = attention_scale(scale, geom.head_dim)
+    if importance_rows is not None and lengths_q is None:
+        lengths_q = query_lengths(cu_seqlens_q)  # importance rows are validated per sequence length
     rows = importance_row_index(importance_rows, lengths_q, q.device) if importance_rows is not None else None
     name = resolve("merged_attention", backend, q, has_cuda=False)
     if name == "reference":

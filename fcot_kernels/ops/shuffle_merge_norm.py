@@ -16,9 +16,11 @@ from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
 
 
-# The CUDA backward caches 3 fp32 rows in shared memory; 163 KiB (sm_80's opt-in maximum, below
-# sm_90's 227 KiB) bounds the row width. Checked at forward time so that auto never picks a
-# forward whose backward cannot run.
+# The CUDA kernels hold a row in registers, at most 32 vectors per thread at 512 threads (16,384
+# elements on the scalar, unaligned path). This bound comes from the former shared-memory
+# kernels (3 fp32 rows in 163 KiB) and stays below that; raising it waits for a GPU run of the
+# register-resident kernels. Checked at forward time so that auto never picks a forward whose
+# backward cannot run.
 CUDA_MAX_WIDTH = (163 * 1024 // 4 - 32) // 3
 
 

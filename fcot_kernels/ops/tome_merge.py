@@ -143,6 +143,9 @@ def tome_match(
         ``k`` (original token ``protected + 2k``) and the B-set index ``j`` (original token
         ``protected + 2j + 1``) achieving it, the lowest ``j`` on ties. Similarities are
         ``(a . b) * (1/|a|) * (1/|b|)`` in fp32 with ``|v|`` clamped below by 1e-12.
+        Backends sum ``a . b`` in their own order: on real-valued metrics their scores agree
+        within ``reference.tome_merge.score_tolerance(D)``, and near-ties (candidates closer
+        than that) may resolve to different candidates; integer metrics agree bit for bit.
 
     The kernels tile B and keep a running (max, argmax) per A row: memory ``O(B*T)``, not
     ``O(B*T^2)``. No gradient (the result is a discrete choice plus its score).

@@ -16,6 +16,28 @@ EPS = 1e-12
 """Lower bound on a metric row's norm: an all-zero row has cosine similarity 0 to everything."""
 
 
+def score_tolerance(channels: int) -> float:
+    """How far a backend's match score may be from :func:`tome_match_ref`'s on real-valued metrics.
+
+    The score is the fp32 expression ``(a . b) * (1/|a|) * (1/|b|)``, but the order in which
+    ``a . b`` is summed is the backend's own (torch's matmul, Triton's channel tiles and
+    tensor-core ``wgmma``, which truncates, or the CUDA kernel's FMA chunks). Summing ``C``
+    products in any order in fp32 errs by at most ``C * 2u * sum|a_i b_i|`` (u = 2^-24; 2u covers
+    truncating accumulators), and ``sum|a_i b_i| <= |a| |b|`` (Cauchy-Schwarz), so after the
+    normalisation the cosine errs by at most ``2u * C`` plus a few roundings of the products and
+    the inverse norms: ``2u * (C + 4)``. On integer metrics every sum is exact and the scores are
+    bit-identical. The contract every backend is tested against
+    (``fcot_kernels.testing.assert_match_contract``):
+
+    * every score is within this tolerance of the reference's;
+    * the chosen B token's reference score is within twice it of the row's best reference score
+      (a near-tie may go to any of the candidates that are tied up to summation order);
+    * where the best reference candidate beats every other by more than twice it, every backend
+      chooses it; among exactly equal scores (of its own), each backend takes the lowest index.
+    """
+    return 2.0 * (channels + 4) * 2.0**-24
+
+
 def tome_split(tokens: int, protected: int) -> tuple[int, int]:
     """Sizes ``(|A|, |B|)`` of the bipartite sets: the tokens after the first ``protected``
     alternate A, B, A, ... (A at even offsets from ``protected``, B at odd ones)."""

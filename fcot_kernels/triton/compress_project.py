@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._validation import ShuffleGeometry
-from ..dispatch import triton_interpreter
+from ..dispatch import forced_gpu_configs, triton_interpreter
 from .shuffle_merge_norm import _u_col_off, _u_row_off, identity_geometry, merge_ln_backward, merge_ln_forward  # noqa: F401
 
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
@@ -59,6 +59,30 @@ def _act_grad(u, ACT: tl.constexpr):
         t = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
         d = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
     return d
+
+
+@triton.jit
+def _gather_cols(
+    col0,  # first column of the block (scalar)
+    cols,  # (BLOCK,) the block's columns of U
+    C,
+    W,
+    grid_w,
+    stride_n,
+    stride_c,
+    R: tl.constexpr,
+    MW: tl.constexpr,
+    SEG_BLOCKS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # x offsets of U's columns. When a block never crosses a channel segment (C a multiple of
+    # the block), the offset is one scalar plus the contiguous channel index: Triton sees the
+    # contiguity, so the loads/stores are 16-byte vectors and cp.async can pipeline them.
+    # Otherwise every column divides by the runtime C and W (2-byte accesses).
+    if SEG_BLOCKS:
+        return _u_col_off(col0, C, W, grid_w, stride_n, stride_c, R, MW) + tl.arange(0, BLOCK).to(tl.int64) * stride_c
+    else:
+        return _u_col_off(cols, C, W, grid_w, stride_n, stride_c, R, MW)
 
 
 @triton.jit
@@ -97,6 +121,7 @@ def _gemm_kernel(
     ACT_GRAD: tl.constexpr,  # multiply by act'(aux) instead (ACT names the activation)
     STORE_PRE: tl.constexpr,
     DOT_F32: tl.constexpr,  # fp32 dot (IEEE, not TF32): fp32 operands, or the interpreter
+    SEG_BLOCKS: tl.constexpr,  # C % BLOCK_K == C % BLOCK_N == 0: a block of U's columns lies in one segment
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,7 +145,7 @@ def _gemm_kernel(
     else:
         a_row = rm * stride_am
     if B_GATHER:
-        b_col = _u_col_off(rn, C, W, grid_w, stride_un, stride_uc, R, MW)
+        b_col = _gather_cols(pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_N)
     else:
         b_col = rn * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,7 +154,7 @@ def _gemm_kernel(
         mask_k = rk < K
         # The gather is the GEMM's prologue: U's addresses are a row part plus a column part.
         if A_GATHER:
-            a_col = _u_col_off(rk, C, W, grid_w, stride_un, stride_uc, R, MW)
+            a_col = _gather_cols(k0, rk, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_K)
         else:
             a_col = rk.to(tl.int64) * stride_ak
         if B_GATHER:
@@ -156,8 +181,8 @@ def _gemm_kernel(
             tl.store(pre_ptr + rm[:, None] * N + rn[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask)
         acc = _act(acc, ACT)
     if C_SCATTER:
-        c_off = _u_row_off(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW)[:, None] + _u_col_off(
-            rn, C, W, grid_w, stride_un, stride_uc, R, MW
+        c_off = _u_row_off(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW)[:, None] + _gather_cols(
+            pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_N
         )[None, :]
     else:
         c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -168,7 +193,7 @@ def _gemm_kernel(
 
 
 def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    if device.type != "cuda" or triton_interpreter():
+    if (device.type != "cuda" or triton_interpreter()) and not forced_gpu_configs():
         # Interpreter: big blocks mean fewer interpreted steps (numpy does the tile math);
         # 16 is tl.dot's minimum.
         bm = min(256, max(16, triton.next_power_of_2(M)))
@@ -222,6 +247,7 @@ def gemm(
         mh = mw = r = 1
         g = (1, 1, 1, 1, 1)
     cfg = _gemm_config(M, N, K, out.device)
+    seg_blocks = geom is not None and geom.channels % cfg["BLOCK_K"] == 0 and geom.channels % cfg["BLOCK_N"] == 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     with _alloc.device_guard(a):
         _gemm_kernel[grid](
@@ -234,6 +260,7 @@ def gemm(
             A_GATHER=gather == "a", B_GATHER=gather == "b", C_SCATTER=scatter,
             HAS_BIAS=bias is not None, ACT=act, ACT_GRAD=act_grad_of is not None, STORE_PRE=pre is not None,
             DOT_F32=dtype_src.dtype == torch.float32 or triton_interpreter(),
+            SEG_BLOCKS=seg_blocks,
             **cfg,
         )
     return out

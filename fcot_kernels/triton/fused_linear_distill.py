@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..dispatch import forced_gpu_configs
 
 DIV_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -43,6 +44,7 @@ def _fld_kernel(
     loss_ptr,  # (R,) fp32 weighted loss of each row
     R,
     V,
+    VP,  # V rounded up to 16 when both row strides leave room: loads are masked by VP (16-byte vectors)
     stride_s,
     stride_t,
     inv_t,  # 1 / temperature
@@ -91,8 +93,9 @@ def _fld_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
         cmask = (cols < V)[None, :]
-        s = tl.load(s_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-        t = tl.load(t_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
+        lmask = (cols < VP)[None, :]  # the padding columns load garbage that cmask discards
+        s = tl.load(s_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+        t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
         u = tl.where(cmask, s * inv_t, float("-inf"))
         w = tl.where(cmask, t * inv_t, float("-inf"))
         m_new = tl.maximum(m_s, tl.max(u, axis=1))
@@ -120,8 +123,9 @@ def _fld_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
         cmask = (cols < V)[None, :]
-        s = tl.load(s_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-        t = tl.load(t_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
+        lmask = (cols < VP)[None, :]  # the padding columns load garbage that cmask discards
+        s = tl.load(s_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+        t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
         log_q = s * inv_t - lse_s[:, None]
         log_p = t * inv_t - lse_t[:, None]
         q = tl.exp(log_q)
@@ -147,8 +151,8 @@ def _fld_kernel(
             if HAS_CE:
                 sm = tl.exp(s - lse_c[:, None])
                 d += w_ce[:, None] * (sm - tl.where(cols[None, :] == lab[:, None], 1.0, 0.0))
-            d = tl.where(counted[:, None], d, 0.0)
-            tl.store(s_base + cols[None, :], d.to(zs_ptr.dtype.element_ty), mask=rmask[:, None] & cmask)
+            d = tl.where(counted[:, None] & cmask, d, 0.0)  # the padding gets zeros
+            tl.store(s_base + cols[None, :], d.to(zs_ptr.dtype.element_ty), mask=rmask[:, None] & lmask)
     if DIV == 1:
         row_sum = div
 
@@ -163,8 +167,9 @@ def _fld_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             cmask = (cols < V)[None, :]
-            s = tl.load(s_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-            t = tl.load(t_base + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
+            lmask = (cols < VP)[None, :]
+            s = tl.load(s_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+            t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
             log_q = s * inv_t - lse_s[:, None]
             log_p = t * inv_t - lse_t[:, None]
             q = tl.exp(log_q)
@@ -179,16 +184,21 @@ def _fld_kernel(
             if HAS_CE:
                 sm = tl.exp(s - lse_c[:, None])
                 d += w_ce[:, None] * (sm - tl.where(cols[None, :] == lab[:, None], 1.0, 0.0))
-            d = tl.where(counted[:, None], d, 0.0)
-            tl.store(s_base + cols[None, :], d.to(zs_ptr.dtype.element_ty), mask=rmask[:, None] & cmask)
+            d = tl.where(counted[:, None] & cmask, d, 0.0)  # the padding gets zeros
+            tl.store(s_base + cols[None, :], d.to(zs_ptr.dtype.element_ty), mask=rmask[:, None] & lmask)
 
 
 def _meta(v: int, device: torch.device) -> dict:
-    if device.type == "cuda":
+    if device.type == "cuda" or forced_gpu_configs():
         # One row per program: a 4096-wide fp32 block of student + teacher is 32 values per thread at 8 warps.
         return dict(BLOCK_R=1, BLOCK_V=min(4096, triton.next_power_of_2(v)), num_warps=8)
     # Interpreter: each program is a Python loop, so fewer, wider programs run far faster.
     return dict(BLOCK_R=16, BLOCK_V=min(1024, triton.next_power_of_2(v)))
+
+
+def padded_width(v: int, multiple: int = 64) -> int:
+    """``v`` rounded up to a multiple of ``multiple``: the row stride of the chunk logits buffers."""
+    return -(-v // multiple) * multiple
 
 
 def default_chunk(n: int, v: int) -> int:
@@ -217,11 +227,16 @@ def logits_pass(
     ``compute_grad``, ``zs`` is overwritten by d(loss)/d(student logits)."""
     r, v = zs.shape
     meta = _meta(v, zs.device)
+    # Row strides padded to a multiple of 64 (forward's buffers) let the kernel mask its loads
+    # and stores at a multiple of 16 columns: 16-byte vectors instead of 2-byte accesses.
+    vp = padded_width(v, 16)
+    if r > 1 and min(zs.stride(0), zt.stride(0)) < vp:
+        vp = v
     grid = (triton.cdiv(r, meta["BLOCK_R"]),)
     with _alloc.device_guard(zs):
         _fld_kernel[grid](
             zs, zt, labels if labels is not None else loss_rows, count, loss_rows,
-            r, v, zs.stride(0), zt.stride(0),
+            r, v, vp, zs.stride(0), zt.stride(0),
             1.0 / temperature, kl_weight * temperature**2, ce_weight,
             beta, math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
             ignore_index,
@@ -238,15 +253,27 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch
 
 
 def _accumulate_dw(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, block: int) -> None:
-    """``acc += dz.T @ x`` with ``acc`` fp32; low-precision products go through a temporary of
-    at most ``block`` vocab rows so the extra memory stays ``block * H`` elements."""
+    """``acc += dz.T @ x`` with ``acc`` fp32 and no rounding of the product to dz's dtype.
+
+    On a GPU, low-precision operands go through cuBLAS with an fp32 output written straight into
+    ``acc`` (``addmm`` with ``out_dtype``, in blocks of ``block`` vocab rows). Elsewhere (the
+    interpreter's CPU tensors, or a torch without ``out_dtype``) the block's operands are upcast
+    to fp32 first: the same numbers, at the cost of fp32 copies of one block."""
     if dz.dtype == torch.float32:
         acc.addmm_(dz.t(), x)
         return
+    native = acc.device.type == "cuda" and _HAS_OUT_DTYPE
+    xf = x if native else x.float()
     for v0 in range(0, acc.shape[0], block):
-        # cuBLAS accumulates each product in fp32; summing the chunks in fp32 keeps that precision.
-        # add_ upcasts on the fly, so the only temporary is the low-precision product.
-        acc[v0:v0 + block].add_(torch.mm(dz[:, v0:v0 + block].t(), x))
+        dst = acc[v0:v0 + block]
+        if native:
+            torch.addmm(dst, dz[:, v0:v0 + block].t(), xf, out_dtype=torch.float32, out=dst)
+        else:
+            dst.addmm_(dz[:, v0:v0 + block].t().float(), xf)
+
+
+_HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+"""Whether this torch has ``addmm(..., out_dtype=)`` (fp32 output of bf16/fp16 operands, CUDA)."""
 
 
 DW_BLOCK = 16384
@@ -290,8 +317,12 @@ def forward(
     dw = torch.zeros((v, h), dtype=torch.float32, device=device) if compute_dw else None
     db = torch.zeros((v,), dtype=torch.float32, device=device) if compute_db else None
     chunk = max(1, min(chunk, n))
-    zs_buf = torch.empty((chunk, v), dtype=student_hidden.dtype, device=device)
-    zt_buf = torch.empty((chunk, v), dtype=teacher_hidden.dtype, device=device)
+    # Row stride padded to a multiple of 64 elements: V = 92553 is odd, so unpadded rows start at
+    # 2-byte alignment and the kernel could only use 2-byte accesses. The padding is never read
+    # as data (the kernel masks values at V; the matmuls see the (chunk, V) views).
+    vp = padded_width(v)
+    zs_buf = torch.empty((chunk, vp), dtype=student_hidden.dtype, device=device)[:, :v]
+    zt_buf = torch.empty((chunk, vp), dtype=teacher_hidden.dtype, device=device)[:, :v]
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         xs = student_hidden[start:end]

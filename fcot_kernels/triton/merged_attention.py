@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._attention import AttnGeometry
-from ..dispatch import triton_interpreter
+from ..dispatch import forced_gpu_configs, triton_interpreter
 
 _LOG2E = 1.4426950408889634
 
@@ -87,6 +87,39 @@ def _logits(
 
 
 @triton.jit
+def _fwd_step(
+    acc, m_i, l_i,  # running output, max and sum (online softmax)
+    q, k_base, v_base, bias_base,
+    rows, cols, offs_d, d_ok, row_ok,
+    len_k, diag, qk_scale, stride_kn, stride_vn,
+    HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the block exists and is visible to every row
+):
+    if MASKED:
+        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+    else:
+        kv_mask = (cols >= 0)[:, None] & d_ok[None, :]  # d_ok only (folds away when BLOCK_D == D)
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if MASKED:
+        s = _logits(q, k, bias_base, rows, cols, row_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_base + cols)[None, :] * 1.4426950408889634
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with no visible key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr,  # (B, L_q, H_q, D) or (total_q, H_q, D)
     k_ptr,  # (B, L_k, H_kv, D) or (total_k, H_kv, D)
@@ -117,6 +150,10 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks see the most keys: launch them first, so the short blocks fill
+        # the tail of the schedule instead of the long ones.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // heads_q
     h = pid_bh % heads_q
@@ -143,23 +180,21 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = len_k - len_q
     hi = len_k
+    # Key blocks [0, full) need no mask: every key exists and (causal) is visible to every row
+    # of this block (key <= m0 + diag). Only the blocks from `full` on (the causal diagonal and
+    # the ragged end of the keys) pay for the mask.
+    full = (len_k // BLOCK_N) * BLOCK_N
     if CAUSAL:
         # Key blocks entirely in the future of every row of this block are never visited.
         hi = tl.minimum(len_k, m0 + BLOCK_M + diag)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + offs_n
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _logits(q, k, bias_base, rows, cols, row_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with no visible key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        full = tl.minimum(full, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
+    full = tl.minimum(full, hi)
+    for n0 in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, bias_base, rows, n0 + offs_n, offs_d, d_ok, row_ok,
+                                  len_k, diag, qk_scale, stride_kn, stride_vn, HAS_BIAS, CAUSAL, PRECISION, False)
+    for n0 in range(full, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, bias_base, rows, n0 + offs_n, offs_d, d_ok, row_ok,
+                                  len_k, diag, qk_scale, stride_kn, stride_vn, HAS_BIAS, CAUSAL, PRECISION, True)
     # Rows that see no key at all (causal with L_q > L_k) output 0 and lse = +inf, so the
     # backward and the importance recompute P = exp2(s - inf) = 0 for them (as flash-attn).
     has_key = l_i > 0.0
@@ -419,6 +454,8 @@ def _importance_kernel(
     diag = len_k - len_q
     # One pass per (KV head, query head of its group, block of rows): the K block is loaded
     # once per KV head and the scores never leave registers.
+    if HAS_BIAS:
+        kb = tl.load(bias_base + cols, mask=col_ok, other=0.0)
     for hk in range(heads_kv):
         k_base = k_ptr + b64 * stride_kb + k_off.to(tl.int64) * stride_kn + hk * stride_kh
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
@@ -432,8 +469,16 @@ def _importance_kernel(
                 q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
                             mask=r_ok[:, None] & d_ok[None, :], other=0.0)
                 lse = tl.load(lse_ptr + h.to(tl.int64) * total_q + q_row0 + rows, mask=r_ok, other=float("inf"))
-                s = _logits(q, k, bias_base, rows, cols, r_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
-                acc += tl.sum(tl.math.exp2(s - lse[:, None]), axis=0)
+                # Transposed logits (keys x rows): the dot's M is BLOCK_N = 64 keys, not the
+                # 16 scored rows, so it compiles to wgmma (M >= 64) instead of mma.sync.
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                if HAS_BIAS:
+                    st += kb[:, None] * 1.4426950408889634
+                valid = col_ok[:, None] & r_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[:, None] <= rows[None, :] + diag)
+                st = tl.where(valid, st, float("-inf"))
+                acc += tl.sum(tl.math.exp2(st - lse[None, :]), axis=1)
     tl.store(imp_ptr + b64 * stride_bias_b + k_off + cols, acc * inv_count, mask=col_ok)
 
 
@@ -455,21 +500,31 @@ def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
     """Block sizes per kernel (not tuned on a GPU yet: see docs/kernels.md). Under the
     interpreter: 16 (the smallest tl.dot tile), so tiny test shapes still cover several blocks
     and the masked tails."""
-    if triton_interpreter():
+    if triton_interpreter() and not forced_gpu_configs():
         return dict(BLOCK_N=16) if kind == "importance" else dict(BLOCK_M=16, BLOCK_N=16)
     if kind == "importance":
         return dict(BLOCK_N=64, num_warps=8, num_stages=2)
     if dtype == torch.float32:
-        # fp32 runs for tests only: small tiles keep 4-byte operands within shared memory.
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        # fp32 runs for tests only (IEEE dots on CUDA cores, which need many registers): 32 x 16
+        # tiles, 2 cp.async stages. Forward, dQ and importance compile without spills; dK/dV
+        # still spills (~370 B; allow-listed in tests/compile_triton_sm90.py).
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     # Chosen so that sm_90 compiles without register spills (checked with cuobjdump -res-usage).
     wide = _block_d(geom.head_dim) > 64
     if kind == "fwd":
-        # 128 query rows amortise each K/V block; 64 keys keep the p tile in registers.
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if wide else 3)
+        # 128 query rows amortise each K/V block; 128 keys halve the loop's trips and online-
+        # softmax rescales (wgmma m64n128, no spills at 255 registers, 1 block/SM, 161 KiB of
+        # K/V stages). Varlen's extra sequence bookkeeping spills 8 B at 128 keys: it keeps 64.
+        block_n = 64 if geom.varlen else 128
+        return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=8, num_stages=2 if wide else 3)
     if kind == "dkdv":
         # dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32) live in registers for the whole loop.
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+        # d = 64: 64 x 64 blocks compile every dot to wgmma without spills. d = 96/128: at
+        # BLOCK_M = 64 (wgmma) ptxas spills ~160 B (tests/compile_triton_sm90.py), so these keep
+        # BLOCK_M = 32, whose q/do dots are mma.sync (M = 32 < 64); a GPU measurement decides.
+        if not wide:
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
 
 
@@ -552,7 +607,7 @@ def backward(
     block_d = _block_d(geom.head_dim)
     precision = _precision(q)
     delta = torch.empty((geom.heads_q, geom.total_q), dtype=torch.float32, device=q.device)
-    dm = 16 if triton_interpreter() else 64
+    dm = 16 if triton_interpreter() and not forced_gpu_configs() else 64
     with _alloc.device_guard(out):
         _bwd_delta_kernel[(triton.cdiv(geom.total_q, dm), geom.heads_q)](
             out, do, delta, geom.total_q, geom.heads_q, geom.head_dim, BLOCK_M=dm, BLOCK_D=block_d,
@@ -606,7 +661,7 @@ def importance(
     n_rows = rows.shape[1]
     imp = _alloc.empty(geom.bias_shape, dtype=torch.float32, device=q.device)
     cfg = _config("importance", geom, q.dtype)
-    block_r = 16 if triton_interpreter() else min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_r = 16 if triton_interpreter() and not forced_gpu_configs() else min(64, max(16, triton.next_power_of_2(n_rows)))
     with _alloc.device_guard(q):
         _importance_kernel[(triton.cdiv(geom.seqlen_k, cfg["BLOCK_N"]), geom.batch)](
             q, k, bias, lse, rows, imp, cu_q, cu_k,

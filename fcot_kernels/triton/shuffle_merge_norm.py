@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._validation import ShuffleGeometry
+from ..dispatch import forced_gpu_configs
 
 MODE_AVG, MODE_DWCONV = 0, 1
 
@@ -64,12 +65,28 @@ def _u_col_off(
 
 
 @triton.jit
+def _seg_off(
+    m,  # window member (a constexpr in every caller)
+    seg,  # (R2P,) segment k = di*R + dj of the pixel-shuffled token
+    grid_w,
+    stride_n,
+    R: tl.constexpr,
+    MW: tl.constexpr,
+):
+    # x offset, from the window's top-left patch, of the patch holding segment seg of member m.
+    # Kept apart from the channel so that the channel index stays contiguous (16-byte accesses).
+    cell = ((m // MW) * R + seg // R) * grid_w + (m % MW) * R + seg % R
+    return cell.to(tl.int64) * stride_n
+
+
+@triton.jit
 def _merged_row(
     x_ptr,  # (tiles, grid_h*grid_w, C), any strides
     mw_ptr,  # (MH*MW, W) dwconv merge weight; unused for avg
     mb_ptr,  # (W,) merge bias; unused unless HAS_MB
     base,  # int64 x offset of the row's window (from _u_row_off)
-    ch,  # (R2P, BLOCK_C) channel index within the row
+    seg,  # (R2P,) segment index
+    c,  # (BLOCK_C,) channel index within a segment
     mask,  # (R2P, BLOCK_C)
     C,
     grid_w,
@@ -86,9 +103,10 @@ def _merged_row(
     # The merged row as an fp32 (R*R, C) tile: segment k of each window member is contiguous
     # in patch (i*R + k//R, j*R + k%R), so each member costs R*R contiguous loads.
     width = R * R * C
+    ch = seg[:, None] * C + c[None, :]
     acc = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     for m in tl.static_range(MH * MW):
-        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+        off = base + _seg_off(m, seg, grid_w, stride_xn, R, MW)[:, None] + c[None, :].to(tl.int64) * stride_xc
         xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
             xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
@@ -133,7 +151,7 @@ def _merge_ln_fwd_kernel(
     width = R * R * C
     ch = seg[:, None] * C + c[None, :]
     base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-    acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, ch, mask, C, grid_w, stride_xn, stride_xc,
+    acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, seg, c, mask, C, grid_w, stride_xn, stride_xc,
                       R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / width
     d = tl.where(mask, acc - mean, 0.0)
@@ -193,7 +211,7 @@ def _merge_ln_bwd_kernel(
     end = tl.minimum(start + rows_per_program, rows)
     for row in range(start, end):
         base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-        acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, ch, mask, C, grid_w, stride_xn, stride_xc,
+        acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, seg, c, mask, C, grid_w, stride_xn, stride_xc,
                           R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.where(mask, (acc - tl.load(mean_ptr + row)) * rstd, 0.0)
@@ -214,7 +232,7 @@ def _merge_ln_bwd_kernel(
                 for m in tl.static_range(MH * MW):
                     if COMPUTE_DMW:
                         # Re-read the member (an L1/L2 hit) instead of holding merge tiles in registers.
-                        off = base + _u_col_off(m * width + ch, C, width, grid_w, stride_xn, stride_xc, R, MW)
+                        off = base + _seg_off(m, seg, grid_w, stride_xn, R, MW)[:, None] + c[None, :].to(tl.int64) * stride_xc
                         xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
                         # This program's partial sum lives in its own slice of dmw (first row: start it).
                         prev = tl.load(dmw_ptr + (pid * MH * MW + m) * width + ch, mask=mask, other=0.0)
@@ -225,7 +243,7 @@ def _merge_ln_bwd_kernel(
                             dxm = dz * tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
                         else:
                             dxm = dz / (MH * MW)
-                        doff = dbase + _u_col_off(m * width + ch, C, width, grid_w, C, 1, R, MW)
+                        doff = dbase + _seg_off(m, seg, grid_w, C, R, MW)[:, None] + c[None, :]
                         tl.store(dx_ptr + doff, dxm.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * width + ch, dw, mask=mask)
     tl.store(db_ptr + pid * width + ch, db, mask=mask)
@@ -241,19 +259,34 @@ def identity_geometry(rows: int, width: int) -> ShuffleGeometry:
     return ShuffleGeometry(rows, 1, 1, width, 1, 1)
 
 
-def _ln_meta(geom: ShuffleGeometry) -> dict:
+def _ln_meta(geom: ShuffleGeometry, backward: bool = False) -> dict:
     block_c = triton.next_power_of_2(geom.channels)
     r2p = triton.next_power_of_2(geom.r * geom.r)
     mh, mw = geom.window
-    # About 16 fp32 values per thread keeps the row tile in registers without spilling.
-    num_warps = max(1, min(16, (block_c * r2p) // 512))
+    # About 16 fp32 values per thread keeps the forward's row tile in registers without
+    # spilling; the backward holds several row tiles at once (x-hat, dy, the dgamma/dbeta
+    # accumulators, ...), so it spreads them over twice the threads (8 values each).
+    num_warps = max(1, min(16, (block_c * r2p) // (256 if backward else 512)))
     return dict(R=geom.r, R2P=r2p, MH=mh, MW=mw, BLOCK_C=block_c, num_warps=num_warps)
 
 
-def _num_programs(x: torch.Tensor, rows: int) -> int:
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(rows, 2 * sms))  # ~127 registers/thread at 8 warps: 2 programs per SM
+def bwd_programs_per_sm(geom: ShuffleGeometry) -> int:
+    """Backward programs the grid puts on each SM. One program holds a few row tiles in
+    registers (``_ln_meta``'s warps keep them near 16 fp32 values per thread); two fit an H100 SM
+    when its register count is <= 128 at 8 warps (65536 registers / 256 threads / 2).
+    ``tests/compile_triton_sm90.py`` checks the compiled kernel against this number."""
+    return 2 if _ln_meta(geom, backward=True)["num_warps"] <= 8 else 1
+
+
+H100_SMS = 132
+"""SMs assumed for the GPU grid when FCOT_GPU_CONFIGS=1 runs it without a GPU."""
+
+
+def _num_programs(x: torch.Tensor, geom: ShuffleGeometry) -> int:
+    rows = geom.rows
+    if x.device.type == "cuda" or forced_gpu_configs():
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else H100_SMS
+        return max(1, min(rows, bwd_programs_per_sm(geom) * sms))
     return max(1, min(rows, 4))  # interpreter: few programs, same code path
 
 
@@ -304,7 +337,7 @@ def merge_ln_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """``(dx, dln_weight, dln_bias, dmerge_weight, dmerge_bias)``; dx in x's shape (contiguous,
     x.dtype), the parameter gradients in fp32; entries not asked for are None."""
-    programs = _num_programs(x, geom.rows)
+    programs = _num_programs(x, geom)
     rows_per_program = triton.cdiv(geom.rows, programs)
     programs = triton.cdiv(geom.rows, rows_per_program)
     members = geom.merge
@@ -332,7 +365,7 @@ def merge_ln_backward(
             MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
             HAS_MB=merge_bias is not None,
             COMPUTE_DX=compute_dx, COMPUTE_DMW=compute_dmw, COMPUTE_DMB=compute_dmb,
-            **_ln_meta(geom),
+            **_ln_meta(geom, backward=True),
         )
     return (
         dx,

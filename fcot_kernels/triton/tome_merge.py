@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpreter
+from ..dispatch import forced_gpu_configs, triton_interpreter
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def _tome_unmerge_kernel(
 
 
 def _match_meta(metric: torch.Tensor) -> dict:
-    if metric.device.type != "cuda":
+    if metric.device.type != "cuda" and not forced_gpu_configs():
         # Interpreter: tl.dot needs >= 16 per dimension; keep tiles small, it is slow.
         return dict(BLOCK_A=16, BLOCK_B=16, BLOCK_C=32, NATIVE_DOT=False, num_warps=1)
     native = metric.dtype != torch.float32 and not triton_interpreter()
@@ -174,7 +174,7 @@ def match(metric: torch.Tensor, protected: int, n_a: int, n_b: int, eps: float) 
 
 
 def _block_c(x: torch.Tensor, channels: int) -> int:
-    cap = 1024 if x.device.type == "cuda" else 256
+    cap = 1024 if x.device.type == "cuda" or forced_gpu_configs() else 256
     return min(cap, triton.next_power_of_2(channels))
 
 

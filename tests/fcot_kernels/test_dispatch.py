@@ -104,3 +104,47 @@ def test_inputs_the_cuda_kernel_cannot_take_raise_for_cuda_and_skip_it_for_auto(
     x = torch.randn(1, 16, 4096)  # width 16384 > the CUDA kernel's shared-memory bound
     with pytest.raises(fk.BackendUnavailableError, match="row width C/scale..2=16384"):
         fk.shuffle_merge_norm(x, grid=(4, 4), weight=torch.ones(16384), bias=torch.zeros(16384), backend="cuda")
+
+
+# ----------------------------------------------------------------------------- measured dispatch (issue 13)
+
+
+def test_default_order_prefers_the_tensor_core_tome_match():
+    """Where nothing is measured, auto prefers the Triton ToMe match (wgmma) over the CUDA one
+    (fp32 FMA), and the CUDA kernel for the other ops."""
+    from fcot_kernels.dispatch import preferred_order
+
+    assert preferred_order("tome_match", "NVIDIA H100", {}) == ("triton", "cuda")
+    assert preferred_order("shuffle_merge_norm", "NVIDIA H100", {}) == ("cuda", "triton")
+
+
+def test_measured_table_orders_backends_by_time_and_is_read_back():
+    from fcot_kernels.dispatch import measured_table, preferred_order
+
+    env = {"device_name": "NVIDIA H100"}
+    rows = [
+        dict(op="shuffle_merge_norm", shape="a", mode="fwd", provider="cuda", median_ms=2.0, env=env),
+        dict(op="shuffle_merge_norm", shape="a", mode="fwd", provider="triton", median_ms=1.5, env=env),
+        dict(op="shuffle_merge_norm", shape="b", mode="fwd", provider="cuda", median_ms=1.0, env=env),  # triton lacks b
+        dict(op="shuffle_merge_norm", shape="a", mode="fwd", provider="eager", median_ms=0.1, env=env),  # not a backend
+        dict(op="tome_merge", shape="a", mode="fwd", provider="cuda", median_ms=1.0, env=env),
+        dict(op="tome_merge", shape="a", mode="fwd", provider="triton", median_ms=3.0, env=env),
+        dict(op="merged_attention", shape="a", mode="fwd", provider="triton", median_ms=1.0, env=env),  # one backend
+    ]
+    table = measured_table(rows, {})
+    assert preferred_order("shuffle_merge_norm", "NVIDIA H100", table) == ("triton", "cuda")
+    assert table["measured"]["shuffle_merge_norm"]["NVIDIA H100"]["cases"] == ["a/fwd"]
+    assert preferred_order("tome_match", "NVIDIA H100", table) == ("cuda", "triton")
+    assert preferred_order("tome_merge", "NVIDIA H100", table) == ("cuda", "triton")
+    assert "merged_attention" not in table["measured"]
+    # Another device keeps the default order.
+    assert preferred_order("tome_match", "NVIDIA A100", table) == ("triton", "cuda")
+
+
+def test_committed_dispatch_table_is_well_formed():
+    from fcot_kernels.dispatch import BACKENDS, _load_table
+
+    table = _load_table()
+    for op, devices in table.get("measured", {}).items():
+        for device, entry in devices.items():
+            assert set(entry["order"]) <= set(BACKENDS[1:]), (op, device, entry)

@@ -395,3 +395,56 @@ def test_debug_finite_flag(backend, monkeypatch):
     with pytest.raises(ValueError, match=r"teacher_hidden has 1 non-finite element\(s\) \(first at index \(4, 2\)"):
         fk.fused_linear_distill(xs, xt, w, b, labels=labels, backend=backend)
     fk.fused_linear_distill(xs, xt.nan_to_num(posinf=0.0), w, b, labels=labels, backend=backend)
+
+
+# ----------------------------------------------------------------------------- compiled-code fixes (issue 13)
+
+
+def test_dw_accumulates_the_product_without_rounding_it():
+    """d(weight) chunks are summed in fp32 without rounding each chunk's product to bf16 first."""
+    from fcot_kernels.triton.fused_linear_distill import _accumulate_dw
+
+    g = torch.Generator().manual_seed(0)
+    dz = torch.randn(64, 48, generator=g).to(torch.bfloat16)
+    x = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    exact = dz.double().t() @ x.double()
+    acc = torch.zeros(48, 32)
+    _accumulate_dw(acc, dz, x, block=16)
+    rounded = (dz.t() @ x).float()  # what a bf16 product accumulated in fp32 gives
+    err = (acc.double() - exact).abs().max().item()
+    err_rounded = (rounded.double() - exact).abs().max().item()
+    assert err < 1e-4, err
+    assert err_rounded > 20 * err, (err, err_rounded)  # the check can tell the two apart
+
+
+@needs_triton
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_padded_logits_rows_match_contiguous_and_ignore_the_padding(div):
+    """The kernel on (R, V) views of (R, padded) buffers (the launcher's 16-byte-aligned rows, V
+    odd) gives the same loss and gradient as on contiguous rows; NaN in the padding never leaks."""
+    from fcot_kernels.triton import fused_linear_distill as T
+
+    r, v = 5, 75
+    vp = T.padded_width(v)
+    assert vp % 64 == 0 and vp >= v
+    zs = torch.randn(r, v, device=DEVICE)
+    zt = torch.randn(r, v, device=DEVICE)
+    labels = torch.randint(0, v, (r,), device=DEVICE)
+    outs = []
+    for padded in (False, True):
+        if padded:
+            bs = torch.full((r, vp), float("nan"), device=DEVICE)
+            bt = torch.full((r, vp), float("nan"), device=DEVICE)
+            s, t = bs[:, :v], bt[:, :v]
+            s.copy_(zs)
+            t.copy_(zt)
+        else:
+            s, t = zs.clone(), zt.clone()
+        loss = torch.empty(r, device=DEVICE)
+        count = torch.full((1,), r, dtype=torch.int64, device=DEVICE)
+        T.logits_pass(s, t, labels, count, loss, temperature=2.0, kl_weight=1.0, ce_weight=0.5, divergence=div,
+                      beta=0.5, ignore_index=IGNORE, mean=True, compute_grad=True)
+        outs.append((loss, s.clone()))
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-6, atol=1e-6)
