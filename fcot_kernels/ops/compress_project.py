@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_choice, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_choice, check_eps, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.compress_project import ACTS, MODES, compress_project_ref
 
@@ -295,7 +295,7 @@ def compress_project(
     check_choice("mode", mode, MODES)
     check_choice("act", act, tuple(ACTS))
     _check_weights(x, geom, mode, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias)
-    eps = check_positive_float("eps", eps)
+    eps = check_eps(eps)
     name = resolve("compress_project", backend, x, has_cuda=False)
     if name == "reference":
         return compress_project_ref(

@@ -168,11 +168,12 @@ def merged_attention(
         causal: mask keys in each query's future, aligned to the bottom-right corner when
             ``L_q != L_k`` (query ``i`` sees key ``j`` iff ``j <= i + L_k - L_q``, as flash-attn
             >= 2.1). Query rows that see no key at all output 0.
-        scale: logit scale, default ``1/sqrt(D)``.
+        scale: logit scale in ``[1e-30, 1e4]``, default ``1/sqrt(D)``.
         cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)`` cumulative sequence lengths of the
             packed varlen layout (both or neither); sequences never attend across each other.
         max_seqlen_q, max_seqlen_k: longest sequence (varlen only; computed from
-            ``cu_seqlens_*`` when omitted, warned about and ignored for batched inputs).
+            ``cu_seqlens_*`` when omitted, warned about and ignored for batched inputs); at least
+            the longest sequence and at most the packed length.
         importance_rows: query positions within each sequence (a list of ints or an integer
             tensor ``(R,)`` shared by every sequence, or ``(B, R)``; negative values count from
             the end of each sequence, e.g. ``[-1]`` for the last token as FastV uses). When given,

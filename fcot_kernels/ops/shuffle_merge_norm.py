@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .._validation import ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import ShuffleGeometry, check_eps, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
 
@@ -143,7 +143,7 @@ def shuffle_merge_norm(
     geom = shuffle_geometry(x, grid, scale, merge)  # also checks x's rank and dtype
     check_tensor("weight", weight, shape=(geom.width,), device=x.device)
     check_tensor("bias", bias, shape=(geom.width,), device=x.device)
-    eps = check_positive_float("eps", eps)
+    eps = check_eps(eps)
     unfit = None
     if geom.width > CUDA_MAX_WIDTH:
         unfit = f"row width C/scale**2={geom.width} exceeds the CUDA kernel's {CUDA_MAX_WIDTH} (shared memory); use 'triton'"

@@ -30,8 +30,39 @@ def merge_windows_ref(y: torch.Tensor, geom: ShuffleGeometry) -> torch.Tensor:
 def shuffle_merge_ref(x: torch.Tensor, geom: ShuffleGeometry) -> torch.Tensor:
     """Pixel shuffle then average-merge: ``(T, gh*gw, C) -> (T, tokens_out, C/scale**2)``."""
     y = pixel_shuffle_ref(x.reshape(geom.tiles, geom.grid_h, geom.grid_w, geom.channels), geom.r)
-    y = merge_windows_ref(y, geom).mean(dim=3)
+    # The mean as a sum of halves/quarters: exact scaling, so the same rounding as sum / n, and
+    # finite members of any magnitude cannot overflow the sum.
+    y = (merge_windows_ref(y, geom) * (1.0 / geom.merge)).sum(dim=3)
     return y.reshape(geom.tiles, geom.tokens_out, geom.width)
+
+
+LARGE_ROW = 2.0**40
+"""Rows whose largest magnitude reaches this take the overflow-safe LayerNorm path."""
+
+
+def layer_norm_ref(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension that does not overflow for finite rows of any magnitude.
+
+    Ordinary rows go through ``F.layer_norm``. A row whose largest magnitude is at least
+    :data:`LARGE_ROW` (where ``(z - mean)**2`` summed over the row may overflow, e.g. a spread of
+    1e19) is divided by the power of two ``s`` at or below its largest magnitude (exact) and
+    normalised in fp32 with ``eps / s**2``: the same result, computed without overflow, which
+    is what the kernels do. A row holding NaN or inf gives NaN in every element (all backends).
+    """
+    width = z.shape[-1]
+    amax = z.detach().abs().amax(-1, keepdim=True).float()
+    big = amax >= LARGE_ROW
+    if not bool(big.any()):
+        return F.layer_norm(z, (width,), weight, bias, eps)
+    _, exp = torch.frexp(torch.where(big, amax, torch.ones_like(amax)).nan_to_num(posinf=1.0))
+    s = torch.ldexp(torch.ones_like(amax), (exp - 1).clamp(0, 126))  # 1 on ordinary rows
+    plain = F.layer_norm(torch.where(big, torch.zeros_like(z), z), (width,), weight, bias, eps)
+    u = (torch.where(big, z, torch.zeros_like(z)).float() / s)
+    mean = u.mean(-1, keepdim=True)
+    d = u - mean
+    var = (d * d).mean(-1, keepdim=True)
+    scaled = (d * torch.rsqrt(var + (eps / s) / s) * weight.float() + bias.float()).to(z.dtype)
+    return torch.where(big, scaled, plain)
 
 
 def shuffle_merge_norm_ref(
@@ -54,5 +85,5 @@ def shuffle_merge_norm_ref(
     dtype = x.dtype
     compute = torch.float32 if upcast else dtype
     z = shuffle_merge_ref(x.to(compute), geom)
-    out = F.layer_norm(z, (geom.width,), weight.to(compute), bias.to(compute), eps)
+    out = layer_norm_ref(z, weight.to(compute), bias.to(compute), eps)
     return out.to(dtype)
