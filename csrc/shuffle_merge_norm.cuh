@@ -51,7 +51,7 @@ __global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_
   const float inv_width = 1.f / static_cast<float>(g.width);
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
-    float local = 0.f;
+    float lmax = 0.f;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
       float acc[VEC] = {};
@@ -59,40 +59,51 @@ __global__ void smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
+          // Members pre-scaled by 1/merge (a power of two: exact, same rounding as scaling the
+          // sum) so that finite members of any magnitude cannot overflow the sum.
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[e] += vals[e] * inv_merge;
         }
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        acc[e] *= inv_merge;
         row_cache[cf + e] = acc[e];
-        local += acc[e];
+        lmax = fmaxf(lmax, fabsf(acc[e]));
       }
     }
-    const float mean = block_sum(local, scratch) * inv_width;
+    // Statistics of the row divided by s = ln_row_scale(max|row|) (exact): identical bits for
+    // rows below 2, and no overflow of (x - mean)**2 for rows of any finite magnitude.
+    // NaN/inf in the row reach its sums, so the whole row comes out NaN (the reference's policy).
+    const float s = ln_row_scale(block_max(lmax, scratch));
+    const float inv_s = 1.f / s;
+    float local = 0.f;
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) local += row_cache[v * VEC + e] * inv_s;
+    }
+    const float mean_u = block_sum(local, scratch) * inv_width;
     // Two-pass variance from the cached row: robust when |mean| >> std.
     local = 0.f;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float d = row_cache[v * VEC + e] - mean;
+        const float d = row_cache[v * VEC + e] * inv_s - mean_u;
         local += d * d;
       }
     }
-    const float rstd = rsqrtf(block_sum(local, scratch) * inv_width + eps);
+    const float rstd_u = rsqrtf(block_sum(local, scratch) * inv_width + (eps * inv_s) * inv_s);
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int cf = v * VEC;
       float y[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        y[e] = (row_cache[cf + e] - mean) * rstd * weight[cf + e] + bias[cf + e];
+        y[e] = (row_cache[cf + e] * inv_s - mean_u) * rstd_u * weight[cf + e] + bias[cf + e];
       }
       store_f32<T, VEC>(out + row * g.width + cf, y);
     }
     if (threadIdx.x == 0) {
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
+      mean_out[row] = mean_u * s;
+      rstd_out[row] = rstd_u * inv_s;
     }
   }
 }
@@ -132,14 +143,14 @@ __global__ void smn_bwd_kernel(const T* __restrict__ x,           // (tiles, gri
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[e] += vals[e] * inv_merge;  // as the forward
         }
       }
       float d[VEC];
       load_f32<T, VEC>(dy + row * g.width + cf, d);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xh = (acc[e] * inv_merge - mu) * rs;
+        const float xh = (acc[e] - mu) * rs;
         const float gw = d[e] * weight[cf + e];
         xhat[cf + e] = xh;
         s_g += gw;
