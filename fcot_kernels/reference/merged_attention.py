@@ -49,7 +49,8 @@ def _probs(q, k, bias, causal, scale, dtype):
         j = torch.arange(l_k, device=q.device)[None, :]
         logits = logits.masked_fill(j > i + (l_k - l_q), float("-inf"))
     # Rows with no visible key: softmax of all -inf is NaN; those rows attend to nothing.
-    empty = torch.isinf(logits).all(dim=-1, keepdim=True)
+    # A row with a +inf or NaN logit (non-finite q or k) stays NaN, as in the kernels.
+    empty = (logits == float("-inf")).all(dim=-1, keepdim=True)  # not +inf: that row is NaN (inf input)
     probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1)
     return probs.masked_fill(empty, 0.0)
 
