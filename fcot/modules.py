@@ -130,9 +130,10 @@ class CompressProjector(nn.Module):
             raise ValueError(f"act={act!r} is not supported; expected one of {ACTS}")
         check_merge(merge)
         check_shuffle_scale(scale)
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("hidden_features", hidden_features)):
-            if value is not None or name != "hidden_features":
-                check_int_range(name, value, low=1)
+        check_int_range("in_features", in_features, low=1)
+        check_int_range("out_features", out_features, low=1)
+        if hidden_features is not None:
+            check_int_range("hidden_features", hidden_features, low=1)
         check_eps(eps)
         r = round(1 / scale)
         if r < 1 or abs(r * scale - 1) > 1e-9:

@@ -274,7 +274,8 @@ def compress_project(
             :func:`fcot_kernels.reference.avg_merge_weight` gives the weights that equal avg.
         merge_weight, merge_bias: the learnable merge's parameters (``merge_bias (W,)``
             optional); must be None for ``"avg"``.
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon, in ``[1e-20, 1]``. Statistics are fp32 and do not overflow for
+            finite rows of any magnitude; a row holding NaN/inf comes out all NaN.
         act: ``"gelu"`` (exact erf, transformers' ``"gelu"``) or ``"gelu_tanh"``.
         backend: ``None`` (process default), ``"auto"``, ``"reference"`` or ``"triton"``
             (this op has no CUDA C++ kernel); see :mod:`fcot_kernels.dispatch`.

@@ -127,7 +127,8 @@ def shuffle_merge_norm(
             ``InternVLModel.pixel_shuffle`` lays them out.
         merge: tokens averaged on the shuffled grid: 1 (none), 2 (1x2 windows along the last
             grid axis) or 4 (2x2 windows).
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon, in ``[1e-20, 1]``. Statistics are fp32 and do not overflow for
+            finite rows of any magnitude; a row holding NaN/inf comes out all NaN.
         backend: ``None`` (process default), ``"auto"``, ``"reference"``, ``"triton"`` or
             ``"cuda"``; see :mod:`fcot_kernels.dispatch`.
 

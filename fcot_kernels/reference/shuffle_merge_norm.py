@@ -37,32 +37,25 @@ def shuffle_merge_ref(x: torch.Tensor, geom: ShuffleGeometry) -> torch.Tensor:
 
 
 LARGE_ROW = 2.0**40
-"""Rows whose largest magnitude reaches this take the overflow-safe LayerNorm path."""
+"""Rows whose largest magnitude reaches this are rescaled before ``F.layer_norm``."""
 
 
 def layer_norm_ref(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension that does not overflow for finite rows of any magnitude.
+    """``F.layer_norm`` over the last dimension that does not overflow for finite rows of any
+    magnitude, with no data-dependent branch (no host sync, no graph break under torch.compile).
 
-    Ordinary rows go through ``F.layer_norm``. A row whose largest magnitude is at least
-    :data:`LARGE_ROW` (where ``(z - mean)**2`` summed over the row may overflow, e.g. a spread of
-    1e19) is divided by the power of two ``s`` at or below its largest magnitude (exact) and
-    normalised in fp32 with ``eps / s**2``: the same result, computed without overflow, which
-    is what the kernels do. A row holding NaN or inf gives NaN in every element (all backends).
+    Rows below :data:`LARGE_ROW` in magnitude are passed as they are (bit-identical to plain
+    ``F.layer_norm``). A larger row (where ``(z - mean)**2`` summed over the row can overflow
+    fp32, e.g. a spread of 1e19) is divided by the power of two that brings its largest
+    magnitude into ``[2**20, 2**21)``: exact, LayerNorm is scale-invariant, and ``eps`` stays
+    negligible against the variance there exactly as it is for the unscaled row (the kernels
+    rescale ``eps`` instead). A row holding NaN or inf gives NaN in every element.
     """
-    width = z.shape[-1]
     amax = z.detach().abs().amax(-1, keepdim=True).float()
-    big = amax >= LARGE_ROW
-    if not bool(big.any()):
-        return F.layer_norm(z, (width,), weight, bias, eps)
-    _, exp = torch.frexp(torch.where(big, amax, torch.ones_like(amax)).nan_to_num(posinf=1.0))
-    s = torch.ldexp(torch.ones_like(amax), (exp - 1).clamp(0, 126))  # 1 on ordinary rows
-    plain = F.layer_norm(torch.where(big, torch.zeros_like(z), z), (width,), weight, bias, eps)
-    u = (torch.where(big, z, torch.zeros_like(z)).float() / s)
-    mean = u.mean(-1, keepdim=True)
-    d = u - mean
-    var = (d * d).mean(-1, keepdim=True)
-    scaled = (d * torch.rsqrt(var + (eps / s) / s) * weight.float() + bias.float()).to(z.dtype)
-    return torch.where(big, scaled, plain)
+    big = (amax >= LARGE_ROW) & torch.isfinite(amax)
+    _, exp = torch.frexp(torch.where(big, amax, torch.ones_like(amax)))
+    scale = torch.ldexp(torch.ones_like(amax), torch.where(big, exp - 21, torch.zeros_like(exp)))
+    return F.layer_norm(z / scale.to(z.dtype), (z.shape[-1],), weight, bias, eps)
 
 
 def shuffle_merge_norm_ref(
