@@ -160,7 +160,12 @@ def check_shuffle_scale(scale: object) -> float:
     checked by the caller)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float like 0.5, got {type(scale).__name__} ({scale!r})")
-    return check_float("scale", scale, positive=True, low=SCALE_MIN, high=1.0)
+    f = check_float("scale", scale, positive=True)
+    if not SCALE_MIN <= f <= 1.0:
+        raise ValueError(
+            f"scale={scale} is not supported: expected 1/r for an integer r in [1, 64] (1.0, 0.5, 0.25, ...)"
+        )
+    return f
 
 
 def check_merge(merge: object) -> int:
