@@ -17,7 +17,6 @@ metric with a ValueError.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -31,6 +30,9 @@ from fcot_kernels.reference import avg_merge_weight
 from fcot_kernels.testing import TOLERANCES, runnable_backends
 
 from ..conftest import DEVICE
+
+# The Triton interpreter (numpy) warns when a NaN/inf input meets arithmetic; that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
 
 KERNELS = runnable_backends(DEVICE)
 """Kernel backends that run here (triton under the interpreter on a CPU; cuda on a GPU)."""
@@ -240,6 +242,26 @@ def test_finding_attention_scale_out_of_range(backend):
         fk.merged_attention(q, q, q, scale=float("nan"), backend=backend)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["reference", *_kernels(False)])
+def test_suite_finding_attention_row_of_minus_inf_logits_is_nan(backend, causal):
+    """Found by the hypothesis suite: a query row that sees keys but whose logits are all -inf
+    (an -inf in q against positive keys) came out 0 on Triton (taken for a row with no visible
+    key) and NaN on the reference; a +inf logit made the reference treat the row as empty too.
+    Now both give NaN for that row only, and rows with no visible key still give 0."""
+    q = torch.randn(1, 5, 1, 64, device=DEVICE)
+    k = torch.randn(1, 3, 1, 64, device=DEVICE).abs()
+    q[0, 3, 0, :] = 0.0
+    q[0, 3, 0, 0] = -float("inf")
+    q[0, 4, 0, 1] = float("inf")
+    out = fk.merged_attention(q, k, torch.randn_like(k), causal=causal, backend=backend)
+    nan_rows = torch.isnan(out).any(-1).flatten().tolist()
+    assert nan_rows == [False, False, False, True, True]
+    assert not torch.isnan(out[0, :3]).any()
+    if causal:  # bottom-right aligned: rows 0 and 1 see no key
+        assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+
+
 @pytest.mark.parametrize("backend", ["reference", *_kernels(False)])
 def test_finding_max_seqlen_bounded_by_the_data(backend):
     """``max_seqlen_q=2**40`` passed validation and sized a grid of ~7e10 programs."""
@@ -417,8 +439,9 @@ def _flat(result) -> list[torch.Tensor]:
     return [t for t in result if isinstance(t, torch.Tensor)]
 
 
-def assert_backends_agree(call, backends: list[str], dtype: torch.dtype, *, scale_tol: float = 1.0):
-    """``call(backend)`` on each backend: the same error everywhere, or results that agree."""
+def assert_backends_agree(call, backends: list[str], dtype: torch.dtype, *, scale_tol: float = 1.0, floor: float = 1e-300):
+    """``call(backend)`` on each backend: the same error everywhere, or results that agree
+    (relative to the larger of the output's magnitude and ``floor``)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -456,7 +479,7 @@ def assert_backends_agree(call, backends: list[str], dtype: torch.dtype, *, scal
             fin = torch.isfinite(r)
             if fin.any():
                 # Relative to the output's own magnitude (inputs span 2**-60 .. 2**100).
-                mag = r[fin].abs().max().clamp_min(1e-300)
+                mag = r[fin].abs().max().clamp_min(floor)
                 torch.testing.assert_close(
                     g[fin] / mag, r[fin] / mag, atol=tol["atol"] * scale_tol, rtol=tol["rtol"] * scale_tol,
                     msg=lambda m: f"{b} output {i} vs reference: {m}",
@@ -473,11 +496,13 @@ def _inject(t: torch.Tensor, value, index) -> torch.Tensor:
 @ADV_SETTINGS
 @given(
     data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     magnitude=POW2, nonfinite=NONFINITE, pos=st.integers(0, 10**6),
     layouts=st.tuples(LAYOUT, LAYOUT, LAYOUT),
 )
-def test_adversarial_shuffle_merge_norm(data, dtype, magnitude, nonfinite, pos, layouts):
+def test_adversarial_shuffle_merge_norm(data, seed, dtype, magnitude, nonfinite, pos, layouts):
+    torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
     kw = scalars(
         data,
         valid=dict(merge=[1, 2, 4], scale=[0.5, 1.0], eps=[1e-5, 1e-6, 1.0, 1e-20], grid=[(4, 4)]),
@@ -495,13 +520,15 @@ def test_adversarial_shuffle_merge_norm(data, dtype, magnitude, nonfinite, pos, 
 @ADV_SETTINGS
 @given(
     data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     magnitude=POW2, nonfinite=NONFINITE, pos=st.integers(0, 10**6),
     mode=st.sampled_from(["avg", "dwconv", "conv"]),
     merge=st.sampled_from([1, 2, 4]),
     layouts=st.lists(LAYOUT, min_size=9, max_size=9),
 )
-def test_adversarial_compress_project(data, dtype, magnitude, nonfinite, pos, mode, merge, layouts):
+def test_adversarial_compress_project(data, seed, dtype, magnitude, nonfinite, pos, mode, merge, layouts):
+    torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
     kw = scalars(
         data,
         valid=dict(act=["gelu", "gelu_tanh"], eps=[1e-5]),
@@ -529,13 +556,15 @@ def test_adversarial_compress_project(data, dtype, magnitude, nonfinite, pos, mo
 @ADV_SETTINGS
 @given(
     data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     magnitude=POW2, nonfinite=NONFINITE, nonfinite_in=st.sampled_from(["metric", "x"]), pos=st.integers(0, 10**6),
     layouts=st.tuples(LAYOUT, LAYOUT, LAYOUT),
     tokens=st.integers(2, 24),
     own_metric=st.booleans(),
 )
-def test_adversarial_tome(data, dtype, magnitude, nonfinite, nonfinite_in, pos, layouts, tokens, own_metric):
+def test_adversarial_tome(data, seed, dtype, magnitude, nonfinite, nonfinite_in, pos, layouts, tokens, own_metric):
+    torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
     kw = scalars(data, valid=dict(protected=[0, 1], r=[0, 1, 3]),
                  bad=dict(protected=[-1, 1.0, True, 2**70, tokens + 1], r=[-1, 2.0, True, 2**70, tokens]))
     if dtype == torch.float16:
@@ -558,13 +587,15 @@ def test_adversarial_tome(data, dtype, magnitude, nonfinite, nonfinite_in, pos, 
 @ADV_SETTINGS
 @given(
     data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.float16]),  # the interpreter's bf16 tl.dot is wrong
     magnitude=st.sampled_from([2.0**-20, 1.0, 2.0**4]),
     nonfinite=NONFINITE, pos=st.integers(0, 10**6),
     layouts=st.lists(LAYOUT, min_size=4, max_size=4),
     varlen=st.booleans(), causal=st.booleans(),
 )
-def test_adversarial_merged_attention(data, dtype, magnitude, nonfinite, pos, layouts, varlen, causal):
+def test_adversarial_merged_attention(data, seed, dtype, magnitude, nonfinite, pos, layouts, varlen, causal):
+    torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
     kw = scalars(
         data,
         valid=dict(scale=[None, 0.125, 1e-3, 100.0, 1e4, 1e-30], importance_rows=[None, [0], [-1, 2]]),
@@ -592,13 +623,15 @@ def test_adversarial_merged_attention(data, dtype, magnitude, nonfinite, pos, la
 @ADV_SETTINGS
 @given(
     data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     magnitude=st.sampled_from([2.0**-30, 1.0, 2.0**6]),
     nonfinite=NONFINITE, nonfinite_in=st.sampled_from(["student", "teacher"]), pos=st.integers(0, 10**6),
     layouts=st.lists(LAYOUT, min_size=5, max_size=5),
     labels_kind=st.sampled_from(["some", "some", "none", "all_ignored"]),
 )
-def test_adversarial_fused_linear_distill(data, dtype, magnitude, nonfinite, nonfinite_in, pos, layouts, labels_kind):
+def test_adversarial_fused_linear_distill(data, seed, dtype, magnitude, nonfinite, nonfinite_in, pos, layouts, labels_kind):
+    torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
     kw = scalars(
         data,
         valid=dict(divergence=["forward_kl", "reverse_kl", "jsd"], temperature=[1.0, 2.0, 0.5, 1e-2, 20.0],
@@ -629,5 +662,7 @@ def test_adversarial_fused_linear_distill(data, dtype, magnitude, nonfinite, non
     xs, xt, w, b, labels = (as_layout_(t, lay) if t is not None else None for t, lay in zip(vals, layouts))
     assert_backends_agree(
         lambda backend: fk.fused_linear_distill(xs, xt, w, b, labels=labels, backend=backend, **kw),
-        ["reference", *_kernels(False)], dtype, scale_tol=2.0,
+        # floor 1: a loss that cancels to ~0 (e.g. identical student/teacher logits) is compared
+        # absolutely, not relative to its rounding noise.
+        ["reference", *_kernels(False)], dtype, scale_tol=2.0, floor=1.0,
     )
