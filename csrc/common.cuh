@@ -92,6 +92,32 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// Max over the block (every thread gets it); NaN-propagating is not needed by the callers
+// (a NaN row poisons its sums anyway).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.f;
+  return warp_max(v);
+}
+
+// 2**floor(log2(a)) clamped to [1, 2**126]: the exact scale that keeps the LayerNorm statistics
+// of a row with max magnitude `a` from overflowing (rows below 2 are left as they are).
+__device__ __forceinline__ float ln_row_scale(float a) {
+  const int bits = __float_as_int(a) & 0x7f800000;
+  return __int_as_float(min(max(bits, 0x3f800000), 0x7e800000));
+}
+
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("fcot_kernels._C: ") + what + ": " + cudaGetErrorString(err));

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     float acc[ITEMS][VEC];
-    float local = 0.f;
+    float lmax = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
 #pragma unroll
@@ -66,17 +66,28 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
+          // Members pre-scaled by 1/merge (a power of two: exact, same rounding as scaling the
+          // sum) so that finite members of any magnitude cannot overflow the sum.
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[i][e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[i][e] += vals[e] * inv_merge;
         }
       }
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        acc[i][e] *= inv_merge;
-        local += acc[i][e];
-      }
+      for (int e = 0; e < VEC; ++e) lmax = fmaxf(lmax, fabsf(acc[i][e]));
     }
-    const float mean = block_sum(local, scratch[0]) * inv_width;
+    // Statistics of the row divided by s = ln_row_scale(max|row|) (exact): identical bits for
+    // rows below 2, and no overflow of (x - mean)**2 for rows of any finite magnitude.
+    // NaN/inf in the row reach its sums, so the whole row comes out NaN (the reference's policy).
+    const float s = ln_row_scale(block_max(lmax, scratch[0]));
+    const float inv_s = 1.f / s;
+    float local = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (threadIdx.x + i * blockDim.x >= nvec) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) local += acc[i][e] * inv_s;
+    }
+    const float mean_u = block_sum(local, scratch[1]) * inv_width;
     // Two-pass variance from the registers: robust when |mean| >> std.
     local = 0.f;
 #pragma unroll
@@ -84,11 +95,11 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
       if (threadIdx.x + i * blockDim.x >= nvec) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float d = acc[i][e] - mean;
+        const float d = acc[i][e] * inv_s - mean_u;
         local += d * d;
       }
     }
-    const float rstd = rsqrtf(block_sum(local, scratch[1]) * inv_width + eps);
+    const float rstd_u = rsqrtf(block_sum(local, scratch[0]) * inv_width + (eps * inv_s) * inv_s);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = threadIdx.x + i * blockDim.x;
@@ -98,12 +109,12 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
       load_f32<float, VEC>(weight + cf, w);
       load_f32<float, VEC>(bias + cf, b);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) y[e] = (acc[i][e] - mean) * rstd * w[e] + b[e];
+      for (int e = 0; e < VEC; ++e) y[e] = (acc[i][e] * inv_s - mean_u) * rstd_u * w[e] + b[e];
       store_f32<T, VEC>(out + row * g.width + cf, y);
     }
     if (threadIdx.x == 0) {
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
+      mean_out[row] = mean_u * s;
+      rstd_out[row] = rstd_u * inv_s;
     }
   }
 }
@@ -150,7 +161,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(co
           float vals[VEC];
           load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += vals[e];
+          for (int e = 0; e < VEC; ++e) acc[e] += vals[e] * inv_merge;  // as the forward
         }
       }
       float d[VEC], w[VEC];
@@ -158,7 +169,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(co
       load_f32<float, VEC>(weight + cf, w);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xh = (acc[e] * inv_merge - mu) * rs;
+        const float xh = (acc[e] - mu) * rs;
         const float gw = d[e] * w[e];
         xhat[i][e] = xh;
         s_g += gw;

@@ -19,6 +19,7 @@ from torch import nn
 
 import fcot_kernels
 from fcot_kernels.reference import avg_merge_weight
+from fcot_kernels.validation import check_eps, check_grid, check_int_range, check_merge, check_shuffle_scale
 
 MODES = ("avg", "dwconv", "conv")
 ACTS = ("gelu", "gelu_tanh")
@@ -79,7 +80,7 @@ def infer_grid(x: torch.Tensor, grid: tuple[int, int] | None, *, identity_ok: bo
     if x.dim() != 3:
         raise ValueError(f"x must be (tiles, tokens, C) or (tiles, H, W, C), got shape {tuple(x.shape)}")
     if grid is not None:
-        return x, (int(grid[0]), int(grid[1]))
+        return x, check_grid(tuple(grid) if isinstance(grid, list) else grid)
     side = math.isqrt(x.shape[1])
     if side * side == x.shape[1]:
         return x, (side, side)
@@ -127,8 +128,13 @@ class CompressProjector(nn.Module):
             raise ValueError(f"mode={mode!r} is not supported; expected one of {MODES}")
         if act not in ACTS:
             raise ValueError(f"act={act!r} is not supported; expected one of {ACTS}")
-        if merge not in (1, 2, 4):
-            raise ValueError(f"merge={merge!r} is not supported; expected one of (1, 2, 4)")
+        check_merge(merge)
+        check_shuffle_scale(scale)
+        check_int_range("in_features", in_features, low=1)
+        check_int_range("out_features", out_features, low=1)
+        if hidden_features is not None:
+            check_int_range("hidden_features", hidden_features, low=1)
+        check_eps(eps)
         r = round(1 / scale)
         if r < 1 or abs(r * scale - 1) > 1e-9:
             raise ValueError(f"scale={scale} is not supported: expected 1/r for an integer r (0.5, 1.0)")

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_positive_float, check_tensor, debug_finite
+from ._validation import FLOAT_DTYPES, check_int, check_positive_float, check_tensor, host_value_checks
+
+SCALE_RANGE = (1e-30, 1e4)
+"""Allowed logit ``scale``: normal in fp32, and small enough that ``q.k * scale`` of inputs of
+ordinary magnitude cannot overflow fp32 (1e38 made every logit inf and the output NaN). The
+default ``1/sqrt(D)`` is about 0.1; cosine attention uses up to 100."""
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 """Head dims of the Triton kernels (80 and 96 run in a 128-wide, masked tile)."""
@@ -53,20 +58,6 @@ class AttnGeometry:
         return (self.total_k,) if self.varlen else (self.batch, self.seqlen_k)
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def host_value_checks(t: torch.Tensor) -> bool:
-    """Whether value checks may read ``t`` on the host: CPU tensors in eager mode, or always with
-    ``FCOT_DEBUG_FINITE=1``. Elsewhere they run on the device (:func:`torch._assert_async`)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or debug_finite()
-
-
 def _cu_device_checks(name: str, cu: torch.Tensor, total: int, max_len: int, packed: str) -> None:
     """The checks of :func:`_cu_lengths` without a host sync (device-side asserts)."""
     lengths = cu[1:] - cu[:-1]
@@ -97,13 +88,19 @@ def _cu_lengths(name: str, cu: object, total: int, device: torch.device, packed:
     return lengths
 
 
-def _max_seqlen(name: str, value: object, lengths: list[int], cu_name: str) -> int:
+def _max_seqlen(name: str, value: object, lengths: list[int], cu_name: str, total: int, packed: str) -> int:
     longest = max(lengths)
     if value is None:
         return longest
-    value = _check_int(name, value)
+    value = check_int(name, value)
     if value < longest:
         raise ValueError(f"{name}={value} is shorter than the longest sequence in {cu_name} ({longest})")
+    # It sizes the launch grid: no sequence is longer than the packed tensor.
+    if value > max(total, 1):
+        raise ValueError(
+            f"{name}={value} is longer than the packed length of {packed} ({packed}.shape[0]={total}); "
+            f"expected {longest} <= {name} <= {total}"
+        )
     return value
 
 
@@ -151,9 +148,13 @@ def attention_geometry(
             check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=q.device)
             if cu.numel() < 2:
                 raise ValueError(f"{name} must have at least 2 entries (B + 1 for B sequences), got {cu.numel()}")
-            longest = _check_int(f"max_seqlen_{packed}", longest)
-            if longest < 1:
-                raise ValueError(f"max_seqlen_{packed}={longest} must be >= 1")
+            longest = check_int(f"max_seqlen_{packed}", longest)
+            if not 1 <= longest <= total:
+                # It sizes the launch grid: no sequence is longer than the packed tensor.
+                raise ValueError(
+                    f"max_seqlen_{packed}={longest} is out of range; expected 1 <= max_seqlen_{packed} <= "
+                    f"{packed}.shape[0]={total}"
+                )
             _cu_device_checks(name, cu, total, longest, packed)
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError(
@@ -171,8 +172,8 @@ def attention_geometry(
                 f"cu_seqlens_q has {len(lengths_q)} sequences but cu_seqlens_k has {len(lengths_k)}; they must match"
             )
         batch = len(lengths_q)
-        seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q, "cu_seqlens_q")
-        seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k, lengths_k, "cu_seqlens_k")
+        seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q, "cu_seqlens_q", q.shape[0], "q")
+        seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k, lengths_k, "cu_seqlens_k", k.shape[0], "k")
         total_q, total_k = q.shape[0], k.shape[0]
     else:
         batch, seqlen_q = q.shape[0], q.shape[1]
@@ -211,13 +212,10 @@ def query_lengths(cu_seqlens_q: torch.Tensor) -> list[int]:
 
 
 def attention_scale(scale: object, head_dim: int) -> float:
-    """``scale`` or the default ``1/sqrt(head_dim)``."""
+    """``scale`` or the default ``1/sqrt(head_dim)``; a given scale must lie in :data:`SCALE_RANGE`."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    scale = check_positive_float("scale", scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale={scale} must be finite")
-    return scale
+    return check_positive_float("scale", scale, low=SCALE_RANGE[0], high=SCALE_RANGE[1])
 
 
 def importance_row_index(rows: object, lengths_q: list[int], device: torch.device) -> torch.Tensor:
@@ -229,6 +227,14 @@ def importance_row_index(rows: object, lengths_q: list[int], device: torch.devic
             raise TypeError(f"importance_rows must hold integers, got dtype {rows.dtype}")
         idx = rows.detach().to("cpu", torch.int64)
     elif isinstance(rows, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        # Python ints can exceed int64: check them against the sequences before making a tensor.
+        longest = max(lengths_q)
+        for r in rows:
+            if not -longest <= r < longest:
+                raise ValueError(
+                    f"importance_rows has position {r}, but the longest sequence has {longest} queries; "
+                    f"expected -{longest} <= position < {longest}"
+                )
         idx = torch.tensor(list(rows), dtype=torch.int64)
     else:
         raise TypeError(f"importance_rows must be a list of ints or an integer tensor, got {type(rows).__name__}")

@@ -12,8 +12,16 @@ import torch
 from ._alloc import poison_outputs
 from .dispatch import backends
 
-__all__ = ["TOLERANCES", "assert_close", "assert_match_contract", "assert_matches_reference", "runnable_backends",
-           "poison_outputs"]
+__all__ = [
+    "LAYOUTS",
+    "TOLERANCES",
+    "as_layout",
+    "assert_close",
+    "assert_match_contract",
+    "assert_matches_reference",
+    "runnable_backends",
+    "poison_outputs",
+]
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
@@ -99,3 +107,43 @@ def assert_match_contract(score: torch.Tensor, index: torch.Tensor, metric: torc
     wrong = clear & (index.long() != ref_index)
     assert not wrong.any(), f"{int(wrong.sum())} A row(s) with a clear best B token chose another"
     return {"clear": int(clear.sum()), "near_ties": int((~clear).sum())}
+
+
+LAYOUTS = ("contiguous", "strided", "offset", "transposed", "expanded")
+"""Memory layouts every tensor argument of every op must accept (see :func:`as_layout`)."""
+
+
+def as_layout(t: torch.Tensor, layout: str, *, requires_grad: bool = False) -> torch.Tensor:
+    """A tensor with ``t``'s shape in the given memory layout, as a leaf (``requires_grad``):
+
+    * ``"contiguous"``: a contiguous copy;
+    * ``"strided"``: every element two slots apart (a step-2 slice of a wider buffer whose
+      other slots hold NaN, or -7 for integers, so a kernel that ignores the stride reads them);
+    * ``"offset"``: contiguous at a storage offset of 3 elements;
+    * ``"transposed"``: the last two dimensions stored column-major (1-D: same as contiguous);
+    * ``"expanded"``: ``t[:1]`` broadcast along dim 0 with stride 0 (its VALUES differ from
+      ``t``: every slice along dim 0 equals the first; compare backends on the returned tensor).
+    """
+    t = t.detach()
+    if layout == "contiguous":
+        out = t.clone()
+    elif layout == "strided":
+        fill = float("nan") if t.is_floating_point() else -7
+        buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]) if t.dim() else (2,), fill, dtype=t.dtype, device=t.device)
+        if t.dim():
+            buf[..., ::2] = t
+            out = buf[..., ::2]
+        else:
+            buf[0] = t
+            out = buf[0]
+    elif layout == "offset":
+        flat = torch.empty(t.numel() + 3, dtype=t.dtype, device=t.device)
+        flat[3:] = t.reshape(-1)
+        out = flat[3:].view(t.shape)
+    elif layout == "transposed":
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.clone()
+    elif layout == "expanded":
+        out = t[:1].clone().expand(t.shape) if t.dim() else t.clone()
+    else:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    return out.requires_grad_(requires_grad) if requires_grad else out

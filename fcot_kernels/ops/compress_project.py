@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_choice, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import FLOAT_DTYPES, ShuffleGeometry, check_choice, check_eps, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.compress_project import ACTS, MODES, compress_project_ref
 
@@ -274,7 +274,8 @@ def compress_project(
             :func:`fcot_kernels.reference.avg_merge_weight` gives the weights that equal avg.
         merge_weight, merge_bias: the learnable merge's parameters (``merge_bias (W,)``
             optional); must be None for ``"avg"``.
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon, in ``[1e-20, 1]``. Statistics are fp32 and do not overflow for
+            finite rows of any magnitude; a row holding NaN/inf comes out all NaN.
         act: ``"gelu"`` (exact erf, transformers' ``"gelu"``) or ``"gelu_tanh"``.
         backend: ``None`` (process default), ``"auto"``, ``"reference"`` or ``"triton"``
             (this op has no CUDA C++ kernel); see :mod:`fcot_kernels.dispatch`.
@@ -295,7 +296,7 @@ def compress_project(
     check_choice("mode", mode, MODES)
     check_choice("act", act, tuple(ACTS))
     _check_weights(x, geom, mode, ln_weight, ln_bias, w1, b1, w2, b2, merge_weight, merge_bias)
-    eps = check_positive_float("eps", eps)
+    eps = check_eps(eps)
     name = resolve("compress_project", backend, x, has_cuda=False)
     if name == "reference":
         return compress_project_ref(

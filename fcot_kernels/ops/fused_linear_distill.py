@@ -14,7 +14,6 @@ import warnings
 
 import torch
 
-from .._attention import host_value_checks
 from .._validation import (
     FLOAT_DTYPES,
     check_choice,
@@ -25,11 +24,19 @@ from .._validation import (
     check_same,
     check_tensor,
     debug_finite,
+    host_value_checks,
 )
 from ..dispatch import resolve
 from ..reference.fused_linear_distill import DIVERGENCES, REDUCTIONS, fused_linear_distill_ref
 
 LABEL_DTYPES = (torch.int64, torch.int32)
+TEMPERATURE_RANGE = (1e-2, 1e2)
+"""Allowed temperatures. The logits are divided by T and the divergence multiplied by T**2 in
+fp32; at large T the divergence is a tiny difference of nearly equal log-probabilities times
+T**2, so fp32 cancellation grows like T**2 (at T = 1000 the backends' losses differ by tens of
+percent, both equally wrong). Distillation uses T of 1 to about 20."""
+MAX_LOSS_WEIGHT = 1e6
+"""Upper bound of ``kl_weight`` and ``ce_weight`` (``kl_weight * T**2`` stays finite in fp32)."""
 
 
 def _impl(backend: str):
@@ -221,10 +228,10 @@ def fused_linear_distill(
             differentiated (no graph is built on the teacher side).
         weight: ``(V, H)`` LM head, same dtype; ``bias``: optional ``(V,)``.
         teacher_weight, teacher_bias: the teacher's head ``(V, H_t)``, ``(V,)`` when it differs.
-        labels: optional ``(N,)`` int64/int32 next-token labels in ``[0, V)`` or ``ignore_index``;
-            required when ``ce_weight != 0``.
-        temperature: ``T > 0`` for the divergence (the cross-entropy stays at 1).
-        kl_weight, ce_weight: non-negative weights of the two terms.
+        labels: optional ``(N,)`` int64/int32 next-token labels in ``[0, V)`` or ``ignore_index``
+            (an int64 value); required when ``ce_weight != 0``; any strides.
+        temperature: ``T`` in ``[0.01, 100]`` for the divergence (the cross-entropy stays at 1).
+        kl_weight, ce_weight: weights of the two terms, in ``[0, 1e6]``.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``; ``beta`` in ``[0, 1]`` for JSD.
         reduction: ``"mean"`` or ``"sum"``.
         chunk_size: tokens per chunk (default: the largest power of two with
@@ -244,15 +251,13 @@ def fused_linear_distill(
     checked on the host for CPU tensors (or with that flag), and on the device otherwise
     (a device-side assert: no host sync on a GPU, no graph break under torch.compile).
     """
+    ignore_index = check_int("ignore_index", ignore_index)  # before _validate compares labels with it
     _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, ignore_index)
-    temperature = check_positive_float("temperature", temperature)
-    if temperature == float("inf"):
-        raise ValueError("temperature=inf must be finite")
-    kl_weight = check_real("kl_weight", kl_weight, low=0.0)
-    ce_weight = check_real("ce_weight", ce_weight, low=0.0)
+    temperature = check_positive_float("temperature", temperature, low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1])
+    kl_weight = check_real("kl_weight", kl_weight, low=0.0, high=MAX_LOSS_WEIGHT)
+    ce_weight = check_real("ce_weight", ce_weight, low=0.0, high=MAX_LOSS_WEIGHT)
     check_choice("divergence", divergence, DIVERGENCES)
     beta = check_real("beta", beta, low=0.0, high=1.0)
-    ignore_index = check_int("ignore_index", ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, low=1)

@@ -168,11 +168,12 @@ def merged_attention(
         causal: mask keys in each query's future, aligned to the bottom-right corner when
             ``L_q != L_k`` (query ``i`` sees key ``j`` iff ``j <= i + L_k - L_q``, as flash-attn
             >= 2.1). Query rows that see no key at all output 0.
-        scale: logit scale, default ``1/sqrt(D)``.
+        scale: logit scale in ``[1e-30, 1e4]``, default ``1/sqrt(D)``.
         cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)`` cumulative sequence lengths of the
             packed varlen layout (both or neither); sequences never attend across each other.
         max_seqlen_q, max_seqlen_k: longest sequence (varlen only; computed from
-            ``cu_seqlens_*`` when omitted, warned about and ignored for batched inputs).
+            ``cu_seqlens_*`` when omitted, warned about and ignored for batched inputs); at least
+            the longest sequence and at most the packed length.
         importance_rows: query positions within each sequence (a list of ints or an integer
             tensor ``(R,)`` shared by every sequence, or ``(B, R)``; negative values count from
             the end of each sequence, e.g. ``[-1]`` for the last token as FastV uses). When given,
@@ -221,4 +222,29 @@ def merged_attention(
         q.detach(), k.detach(), detached, lse.detach(), rows, cu_seqlens_q, cu_seqlens_k,
         geom.seqlen_q, geom.seqlen_k, causal, scale, name,
     )
-    return out, imp
+    return out, _nan_where_rows_are_nan(imp, lse.detach(), rows, cu_seqlens_q, cu_seqlens_k, geom, causal)
+
+
+def _nan_where_rows_are_nan(imp, lse, rows, cu_q, cu_k, geom, causal) -> torch.Tensor:
+    """The NaN policy for the importance side-output: a selected query row whose log-sum-exp is
+    NaN or +inf (a NaN/inf in its q or in a key it sees) makes its sequence's importance NaN,
+    as in the reference, whose average includes that row's NaN probabilities. Rows that see no
+    key at all (causal, L_q > L_k) also store lse = +inf; they are told apart by position.
+    No host sync."""
+    device = lse.device
+    rows = rows.long()
+    if geom.varlen:
+        start = cu_q[:-1].long()
+        len_q, len_k = torch.diff(cu_q.long()), torch.diff(cu_k.long())
+    else:
+        start = torch.arange(geom.batch, device=device) * geom.seqlen_q
+        len_q = torch.full((geom.batch,), geom.seqlen_q, device=device)
+        len_k = torch.full((geom.batch,), geom.seqlen_k, device=device)
+    no_key = (rows < (len_q - len_k)[:, None]) if causal else torch.zeros_like(rows, dtype=torch.bool)
+    sel = lse[:, (start[:, None] + rows).reshape(-1)].reshape(geom.heads_q, geom.batch, -1)  # (H_q, B, R)
+    bad = (torch.isnan(sel) | ((sel == float("inf")) & ~no_key)).any(2).any(0)  # (B,)
+    if geom.varlen:
+        bad = bad.repeat_interleave(len_k, output_size=geom.total_k)
+    else:
+        bad = bad[:, None]
+    return torch.where(bad, torch.full_like(imp, float("nan")), imp)

@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .._validation import ShuffleGeometry, check_positive_float, check_tensor, shuffle_geometry
+from .._validation import ShuffleGeometry, check_eps, check_tensor, shuffle_geometry
 from ..dispatch import resolve
 from ..reference.shuffle_merge_norm import shuffle_merge_norm_ref
 
@@ -129,7 +129,8 @@ def shuffle_merge_norm(
             ``InternVLModel.pixel_shuffle`` lays them out.
         merge: tokens averaged on the shuffled grid: 1 (none), 2 (1x2 windows along the last
             grid axis) or 4 (2x2 windows).
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon, in ``[1e-20, 1]``. Statistics are fp32 and do not overflow for
+            finite rows of any magnitude; a row holding NaN/inf comes out all NaN.
         backend: ``None`` (process default), ``"auto"``, ``"reference"``, ``"triton"`` or
             ``"cuda"``; see :mod:`fcot_kernels.dispatch`.
 
@@ -145,7 +146,7 @@ def shuffle_merge_norm(
     geom = shuffle_geometry(x, grid, scale, merge)  # also checks x's rank and dtype
     check_tensor("weight", weight, shape=(geom.width,), device=x.device)
     check_tensor("bias", bias, shape=(geom.width,), device=x.device)
-    eps = check_positive_float("eps", eps)
+    eps = check_eps(eps)
     unfit = None
     if geom.width > CUDA_MAX_WIDTH:
         unfit = f"row width C/scale**2={geom.width} exceeds the CUDA kernel's {CUDA_MAX_WIDTH} (shared memory); use 'triton'"

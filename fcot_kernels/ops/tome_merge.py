@@ -21,9 +21,9 @@ import importlib
 
 import torch
 
-from .._validation import check_int_range, check_tensor
+from .._validation import check_finite_values, check_int_range, check_tensor
 from ..dispatch import resolve
-from ..reference.tome_merge import EPS, tome_match_ref, tome_max_r, tome_merge_ref, tome_split
+from ..reference.tome_merge import EPS, tome_match_ref, tome_max_r, tome_merge_ref, tome_split, unit_scale_rows
 
 
 def _impl(backend: str):
@@ -142,10 +142,15 @@ def tome_match(
         ``(score, index)``, both ``(B, |A|)``: the best cosine similarity (fp32) of A token
         ``k`` (original token ``protected + 2k``) and the B-set index ``j`` (original token
         ``protected + 2j + 1``) achieving it, the lowest ``j`` on ties. Similarities are
-        ``(a . b) * (1/|a|) * (1/|b|)`` in fp32 with ``|v|`` clamped below by 1e-12.
-        Backends sum ``a . b`` in their own order: on real-valued metrics their scores agree
-        within ``reference.tome_merge.score_tolerance(D)``, and near-ties (candidates closer
-        than that) may resolve to different candidates; integer metrics agree bit for bit.
+        ``(a . b) * (1/|a|) * (1/|b|)`` in fp32 with ``|v|`` clamped below by 1e-12, evaluated
+        on each token's row scaled by a power of two that brings its largest entry into
+        ``[1, 2)`` (exact, so the scores do not depend on the metric's magnitude and nothing
+        overflows; an all-zero row stays zero and scores 0). Backends sum ``a . b`` in their own
+        order: on real-valued metrics their scores agree within
+        ``reference.tome_merge.score_tolerance(D)``, and near-ties (candidates closer than that)
+        may resolve to different candidates; integer metrics agree bit for bit. A metric holding
+        NaN or inf is rejected: a ``ValueError`` on CPU tensors, a device-side assert on a GPU
+        and under torch.compile (no host sync).
 
     The kernels tile B and keep a running (max, argmax) per A row: memory ``O(B*T)``, not
     ``O(B*T^2)``. No gradient (the result is a discrete choice plus its score).
@@ -159,10 +164,11 @@ def tome_match(
         raise ValueError(
             f"tome_match needs at least 2 tokens after the protected ones; got {tokens} tokens with protected={protected}"
         )
+    check_finite_values("metric", metric)
     name = resolve("tome_match", backend, metric, has_cuda=True)
     if name == "reference":
         return tome_match_ref(metric.detach(), protected=protected)
-    return _tome_match(metric.detach(), protected, name)
+    return _tome_match(unit_scale_rows(metric.detach()), protected, name)
 
 
 def tome_merge(
@@ -203,7 +209,10 @@ def tome_merge(
     and ``size`` counts tokens: neither receives a gradient (both are treated as constants).
     The matching is computed in fp32 for every input dtype; the average accumulates in fp32.
     Values of ``size`` are not checked (a device sync per call); non-positive sizes give
-    undefined averages.
+    undefined averages. A ``metric`` (or ``x`` as the metric) holding NaN or inf is rejected
+    when ``r > 0`` (a ``ValueError`` on CPU, a device-side assert on a GPU: no host sync): a
+    matching on NaN scores means nothing, and indices cannot carry NaN. NaN/inf in ``x`` with a finite ``metric`` propagate into the
+    merged tokens that contain them.
     """
     check_tensor("x", x, ndim=3)
     batch, tokens, channels = x.shape
@@ -217,6 +226,8 @@ def tome_merge(
         f"(T={tokens}, protected={protected}); run several rounds to go further",
     )
     metric = x if metric is None else _check_metric(metric, x)
+    if r > 0:  # r == 0 never reads the metric
+        check_finite_values("metric", metric)
     if size is None:
         size = torch.ones(batch, tokens, device=x.device)
     else:
@@ -225,4 +236,6 @@ def tome_merge(
     if name == "reference":
         return tome_merge_ref(x, r=r, metric=metric, size=size, protected=protected)
     size = size.detach().to(torch.float32).contiguous()
-    return _tome_merge_fwd(x, metric.detach(), size, r, protected, name)
+    # The kernels match on the exactly rescaled rows (see tome_match); r == 0 never reads them.
+    metric = unit_scale_rows(metric.detach()) if r > 0 else metric.detach()
+    return _tome_merge_fwd(x, metric, size, r, protected, name)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import ShuffleGeometry
-from .shuffle_merge_norm import merge_windows_ref, pixel_shuffle_ref
+from .shuffle_merge_norm import layer_norm_ref, merge_windows_ref, pixel_shuffle_ref
 
 MODES = ("avg", "dwconv", "conv")
 ACTS = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -38,7 +38,7 @@ def merge_tokens_ref(
     """Merge the windows of the pixel-shuffled grid ``y (T, H', W', C')`` into ``(T, tokens_out, C')``."""
     members = merge_windows_ref(y, geom)  # (T, H'/mh, W'/mw, merge, C'), members row-major
     if mode == "avg":
-        z = members.mean(dim=3)
+        z = (members * (1.0 / geom.merge)).sum(dim=3)  # exact scaling: cannot overflow
     elif mode == "dwconv":
         z = (members * merge_weight).sum(dim=3)
     else:  # conv: one Linear over the concatenated window == Conv2d(kernel = stride = window)
@@ -87,6 +87,6 @@ def compress_project_ref(
 
     y = pixel_shuffle_ref(x.to(compute).reshape(geom.tiles, geom.grid_h, geom.grid_w, geom.channels), geom.r)
     z = merge_tokens_ref(y, geom, mode, cast(merge_weight), cast(merge_bias))
-    h = F.layer_norm(z, (geom.width,), cast(ln_weight), cast(ln_bias), eps)
+    h = layer_norm_ref(z, cast(ln_weight), cast(ln_bias), eps)
     u = F.linear(h, cast(w1), cast(b1))
     return F.linear(activation_ref(u, act), cast(w2), cast(b2)).to(dtype)

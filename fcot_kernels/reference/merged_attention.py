@@ -44,12 +44,16 @@ def _probs(q, k, bias, causal, scale, dtype):
     logits = torch.einsum("mhd,nhd->hmn", q.to(dtype), kk).float() * scale
     if bias is not None:
         logits = logits + bias.float()[None, None, :]
+    # Rows with no visible key (causal, L_q > L_k) attend to nothing: zero probabilities. Judged
+    # from the mask, not the logits: a row whose logits are all -inf or hold +inf/NaN because of
+    # a non-finite q or k stays NaN, as in the kernels.
+    empty = torch.zeros(l_q, 1, dtype=torch.bool, device=q.device)
     if causal:
         i = torch.arange(l_q, device=q.device)[:, None]
         j = torch.arange(l_k, device=q.device)[None, :]
-        logits = logits.masked_fill(j > i + (l_k - l_q), float("-inf"))
-    # Rows with no visible key: softmax of all -inf is NaN; those rows attend to nothing.
-    empty = torch.isinf(logits).all(dim=-1, keepdim=True)
+        hidden = j > i + (l_k - l_q)
+        logits = logits.masked_fill(hidden, float("-inf"))
+        empty = hidden.all(dim=-1, keepdim=True)
     probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1)
     return probs.masked_fill(empty, 0.0)
 

@@ -30,8 +30,32 @@ def merge_windows_ref(y: torch.Tensor, geom: ShuffleGeometry) -> torch.Tensor:
 def shuffle_merge_ref(x: torch.Tensor, geom: ShuffleGeometry) -> torch.Tensor:
     """Pixel shuffle then average-merge: ``(T, gh*gw, C) -> (T, tokens_out, C/scale**2)``."""
     y = pixel_shuffle_ref(x.reshape(geom.tiles, geom.grid_h, geom.grid_w, geom.channels), geom.r)
-    y = merge_windows_ref(y, geom).mean(dim=3)
+    # The mean as a sum of halves/quarters: exact scaling, so the same rounding as sum / n, and
+    # finite members of any magnitude cannot overflow the sum.
+    y = (merge_windows_ref(y, geom) * (1.0 / geom.merge)).sum(dim=3)
     return y.reshape(geom.tiles, geom.tokens_out, geom.width)
+
+
+LARGE_ROW = 2.0**40
+"""Rows whose largest magnitude reaches this are rescaled before ``F.layer_norm``."""
+
+
+def layer_norm_ref(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension that does not overflow for finite rows of any
+    magnitude, with no data-dependent branch (no host sync, no graph break under torch.compile).
+
+    Rows below :data:`LARGE_ROW` in magnitude are passed as they are (bit-identical to plain
+    ``F.layer_norm``). A larger row (where ``(z - mean)**2`` summed over the row can overflow
+    fp32, e.g. a spread of 1e19) is divided by the power of two that brings its largest
+    magnitude into ``[2**20, 2**21)``: exact, LayerNorm is scale-invariant, and ``eps`` stays
+    negligible against the variance there exactly as it is for the unscaled row (the kernels
+    rescale ``eps`` instead). A row holding NaN or inf gives NaN in every element.
+    """
+    amax = z.detach().abs().amax(-1, keepdim=True).float()
+    big = (amax >= LARGE_ROW) & torch.isfinite(amax)
+    _, exp = torch.frexp(torch.where(big, amax, torch.ones_like(amax)))
+    scale = torch.ldexp(torch.ones_like(amax), torch.where(big, exp - 21, torch.zeros_like(exp)))
+    return F.layer_norm(z / scale.to(z.dtype), (z.shape[-1],), weight, bias, eps)
 
 
 def shuffle_merge_norm_ref(
@@ -54,5 +78,5 @@ def shuffle_merge_norm_ref(
     dtype = x.dtype
     compute = torch.float32 if upcast else dtype
     z = shuffle_merge_ref(x.to(compute), geom)
-    out = F.layer_norm(z, (geom.width,), weight.to(compute), bias.to(compute), eps)
+    out = layer_norm_ref(z, weight.to(compute), bias.to(compute), eps)
     return out.to(dtype)

@@ -51,6 +51,24 @@ def tome_max_r(tokens: int, protected: int) -> int:
     return n_a if n_b > 0 else 0
 
 
+def unit_scale_rows(metric: torch.Tensor) -> torch.Tensor:
+    """``metric`` with every row (last dimension) multiplied by the power of two that brings its
+    largest magnitude into ``[1, 2)``; all-zero rows stay zero. Every backend matches on this.
+
+    Power-of-two scaling is exact, so the cosine scores are bit-identical to the unscaled
+    formula wherever that one neither overflows nor underflows, and the squared norms and dot
+    products cannot overflow for a finite metric of any magnitude (1e19 used to overflow them).
+    fp16 metrics are returned as they are: their squares and products can neither overflow nor
+    underflow fp32, and scaling a row down could make its small entries fp16-subnormal."""
+    if metric.dtype == torch.float16:
+        return metric
+    amax = metric.detach().abs().amax(-1, keepdim=True).float()
+    _, exp = torch.frexp(amax)  # amax = mantissa * 2**exp, mantissa in [0.5, 1)
+    # 2**(1 - exp), kept a normal fp32/bf16 number (beyond that the scaled max is in [2, 4)).
+    scale = torch.ldexp(torch.ones_like(amax), (1 - exp).clamp(-126, 126))
+    return metric * scale.to(metric.dtype)
+
+
 def inverse_norm_ref(m: torch.Tensor) -> torch.Tensor:
     """``1 / max(|m|, eps)`` over the last dimension, in fp32."""
     m = m.float()
@@ -64,9 +82,10 @@ def tome_match_ref(metric: torch.Tensor, *, protected: int = 0) -> tuple[torch.T
     """Best B match of every A token: ``(score (B, |A|) fp32, index (B, |A|) int64)``.
 
     ``index`` counts within set B (B token ``j`` is original token ``protected + 2*j + 1``);
-    ties go to the lowest index. Materialises the full ``(B, |A|, |B|)`` score matrix.
+    ties go to the lowest index. Materialises the full ``(B, |A|, |B|)`` score matrix. Rows are
+    first scaled by :func:`unit_scale_rows` (exact; what every backend does).
     """
-    m = metric[:, protected:].float()
+    m = unit_scale_rows(metric[:, protected:]).float()
     a, b = m[:, 0::2], m[:, 1::2]
     scores = (a @ b.transpose(1, 2)) * inverse_norm_ref(a)[:, :, None] * inverse_norm_ref(b)[:, None, :]
     best = scores.amax(dim=-1)

@@ -226,6 +226,9 @@ def gemm(
     ``scatter`` writes ``out`` (x's shape, contiguous) as dU at the ViT-token positions."""
     dtype_src = x if x is not None else a
     dummy = out
+    # The epilogue reads the bias at unit stride: a strided or expanded (stride-0) bias (b1,
+    # merge_bias) is made contiguous here, once (N elements).
+    bias = bias.contiguous() if bias is not None else None
     if gather == "a":
         a = x
     if gather == "b":

@@ -308,6 +308,9 @@ def forward(
     device = student_hidden.device
     compute_grad = compute_dx or compute_dw or compute_db
     if labels is not None:
+        # The kernel reads labels at unit stride: a strided or expanded (stride-0) labels tensor
+        # is made contiguous here, once (N integers).
+        labels = labels.contiguous()
         count = (labels != ignore_index).sum().reshape(1)
     else:
         count = torch.full((1,), n, dtype=torch.int64, device=device)

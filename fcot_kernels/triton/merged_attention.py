@@ -197,7 +197,12 @@ def _fwd_kernel(
                                   len_k, diag, qk_scale, stride_kn, stride_vn, HAS_BIAS, CAUSAL, PRECISION, True)
     # Rows that see no key at all (causal with L_q > L_k) output 0 and lse = +inf, so the
     # backward and the importance recompute P = exp2(s - inf) = 0 for them (as flash-attn).
-    has_key = l_i > 0.0
+    # Decided by position, not by l_i: a row that sees keys but whose logits are all -inf (a
+    # non-finite q or k) gets 0/0 = NaN, the NaN policy of every backend.
+    if CAUSAL:
+        has_key = row_ok & (rows + diag >= 0) & (len_k > 0)
+    else:
+        has_key = row_ok & (len_k > 0)
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     o_base = out_ptr + b64 * stride_ob + q_off.to(tl.int64) * stride_om + h * stride_oh

@@ -110,9 +110,11 @@ def _merged_row(
         xm = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
             xm *= tl.load(mw_ptr + m * width + ch, mask=mask, other=0.0).to(tl.float32)
+        else:
+            # Average as a sum of quarters/halves: exact (a power of two), the same rounding as
+            # dividing the sum, and the sum of finite members cannot overflow.
+            xm *= 1.0 / (MH * MW)
         acc += xm
-    if MODE == 0:
-        acc = acc / (MH * MW)
     if HAS_MB:
         acc += tl.load(mb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     return acc
@@ -153,14 +155,23 @@ def _merge_ln_fwd_kernel(
     base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
     acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, seg, c, mask, C, grid_w, stride_xn, stride_xc,
                       R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / width
-    d = tl.where(mask, acc - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + eps)
+    # Statistics of the row scaled by s = 2**floor(log2(max|row|)), clamped to [1, 2**126]: exact,
+    # so rows of magnitude < 2 are untouched and larger ones give the same bits as unscaled
+    # (where that did not overflow), while (x - mean)**2 of a row of any finite magnitude
+    # cannot overflow. NaN/inf in the row propagate to its mean, hence to the whole row.
+    amax = tl.max(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=1), axis=0)
+    s_bits = tl.minimum(tl.maximum(amax.to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000), 0x7E800000)
+    s = s_bits.to(tl.float32, bitcast=True)
+    inv_s = 1.0 / s
+    u = acc * inv_s
+    mean_u = tl.sum(tl.sum(u, axis=1), axis=0) / width
+    d = tl.where(mask, u - mean_u, 0.0)
+    rstd_u = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / width + (eps * inv_s) * inv_s)
     w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * width + ch, (d * rstd * w + b).to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(h_ptr + row * width + ch, (d * rstd_u * w + b).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean_u * s)
+    tl.store(rstd_ptr + row, rstd_u * inv_s)
 
 
 @triton.jit

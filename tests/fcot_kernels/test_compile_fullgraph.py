@@ -105,9 +105,9 @@ def test_device_side_checks_still_catch_bad_values_under_compile():
                                                                   backend="reference"))
     with pytest.raises(RuntimeError, match="labels outside"):
         fn(xs, w, labels)
-    cu = torch.tensor([0, 5, 4], dtype=torch.int32, device=DEVICE)  # decreasing
+    cu = torch.tensor([0, 3, 2, 4], dtype=torch.int32, device=DEVICE)  # decreasing
     q = torch.randn(4, 2, 64, device=DEVICE)
-    att = _compiled(lambda q, cu: fk.merged_attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5,
-                                                      max_seqlen_k=5, backend="reference"))
+    att = _compiled(lambda q, cu: fk.merged_attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                                                      max_seqlen_k=4, backend="reference"))
     with pytest.raises(RuntimeError, match="non-decreasing"):
         att(q, cu)

@@ -393,7 +393,7 @@ def _bad(**over):
         (dict(act="relu"), ValueError, r"act='relu' is not supported"),
         (dict(w1=torch.randn(40, 48, dtype=torch.bfloat16)), TypeError, r"w1 has dtype torch.bfloat16 but x has dtype torch.float32"),
         (dict(x=torch.randn(1, 16, 12, dtype=torch.float64)), TypeError, r"x has dtype torch.float64"),
-        (dict(merge_weight=torch.randn(48, 96, device="meta")), ValueError, r"merge_weight is on meta but must be on cpu"),
+        (dict(merge_weight=torch.randn(48, 96, device="meta")), ValueError, r"merge_weight is a meta tensor"),
         (dict(merge=3), ValueError, r"merge=3 is not supported"),
         (dict(grid=(4, 5)), ValueError, r"grid=\(4, 5\) has 20 cells"),
         (dict(eps=0.0), ValueError, r"eps=0.0 must be > 0"),
@@ -409,3 +409,33 @@ def test_bad_input(over, exc, match):
 def test_device_mismatch():
     with pytest.raises(ValueError, match="w2 is on cpu but must be on cuda"):
         _bad(x=torch.randn(1, 16, 12, device="cuda"), **{k: v.cuda() for k, v in make_inputs(tiles=1, grid=(4, 4), merge=2, mode="conv", device="cpu")[1].items() if k != "w2"})
+
+
+# --- every tensor argument in every layout (issue 9) ------------------------------------------
+
+
+@needs_backend
+@pytest.mark.parametrize("layout", ["strided", "offset", "transposed", "expanded"])
+@pytest.mark.parametrize("arg", ["x", *NAMES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_tensor_argument_in_every_layout(backend, arg, layout):
+    """Each tensor argument (x and all eight weights) as a non-contiguous, offset, column-major
+    or stride-0 view, in the learnable mode that reads it: forward and every gradient equal the
+    reference's on the same view (b1 and merge_bias used to be read without their strides)."""
+    from fcot_kernels.testing import as_layout
+
+    mode = "dwconv" if arg == "merge_weight" and layout == "expanded" else "conv"
+    x, params = make_inputs(tiles=2, grid=(4, 4), channels=6, hidden=20, out=12, merge=2, mode=mode)
+    values = {"x": x, **params}
+    res = {}
+    grad_out = None
+    for name in ("reference", backend):
+        args = {k: as_layout(v, layout if k == arg else "contiguous", requires_grad=True) for k, v in values.items()}
+        with fk.poison_outputs():
+            y = fk.compress_project(args["x"], grid=(4, 4), merge=2, mode=mode, backend=name,
+                                    **{k: v for k, v in args.items() if k != "x"})
+        grad_out = torch.randn_like(y) if grad_out is None else grad_out
+        y.backward(grad_out)
+        res[name] = {"out": y.detach(), **{k: v.grad for k, v in args.items()}}
+    for what, want in res["reference"].items():
+        torch.testing.assert_close(res[backend][what], want, atol=2e-4, rtol=2e-4, msg=lambda m: f"{what}: {m}")

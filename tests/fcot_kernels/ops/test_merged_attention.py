@@ -186,11 +186,12 @@ def test_varlen_matches_reference(lengths, causal):
 
 def test_varlen_equals_batched_per_sequence():
     # Sequences never attend across each other: each packed sequence equals its own batched call.
+    # max_seqlen over-estimates the longest sequences (19, 23), up to the packed lengths (25, 33).
     lq, lk = [6, 19], [10, 23]
     q, k, v, bias = _make((sum(lq), 2, 80), (sum(lk), 1, 80), torch.float32, (sum(lk),))
     with fk.poison_outputs():
         packed = fk.merged_attention(q, k, v, key_log_size=bias, causal=True, cu_seqlens_q=_cu(lq),
-                                     cu_seqlens_k=_cu(lk), max_seqlen_q=32, max_seqlen_k=32, backend="triton")
+                                     cu_seqlens_k=_cu(lk), max_seqlen_q=25, max_seqlen_k=33, backend="triton")
     q0 = k0 = 0
     for a, c in zip(lq, lk):
         one = fk.merged_attention(q[None, q0:q0 + a], k[None, k0:k0 + c], v[None, k0:k0 + c],
@@ -410,3 +411,37 @@ def test_internvl2_8b_prefill_gpu(dtype):
     bias.requires_grad_()
     out = _check_against_reference(q, k, v, bias, causal=True)
     assert torch.isfinite(out).all()
+
+
+# --- every tensor argument in every layout (issue 9) ------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset", "transposed", "expanded"])
+@pytest.mark.parametrize("arg", ["q", "k", "v", "key_log_size", "cu_seqlens_q", "cu_seqlens_k", "importance_rows"])
+def test_every_tensor_argument_in_every_layout(arg, layout):
+    """Each tensor argument (varlen layout, so the cu_seqlens are tensors too) as a
+    non-contiguous, offset, column-major or stride-0 view: output, importance and every
+    gradient equal the reference's on the same views."""
+    from fcot_kernels.testing import as_layout
+
+    if layout == "expanded" and arg in ("cu_seqlens_q", "cu_seqlens_k"):
+        pytest.skip("an expanded cu_seqlens is constant, not cumulative lengths (rejected by validation)")
+    lengths = [5, 9]
+    values = {
+        "q": torch.randn(14, 2, 64, device=DEVICE), "k": torch.randn(14, 1, 64, device=DEVICE),
+        "v": torch.randn(14, 1, 64, device=DEVICE), "key_log_size": torch.rand(14, device=DEVICE),
+        "cu_seqlens_q": _cu(lengths), "cu_seqlens_k": _cu(lengths),
+        "importance_rows": torch.tensor([[0, -1], [2, 3]], device=DEVICE),
+    }
+    res = {}
+    dout = None
+    for name in ("reference", "triton"):
+        args = {k: as_layout(t, layout if k == arg else "contiguous") for k, t in values.items()}
+        leaves = [args[k].requires_grad_() for k in ("q", "k", "v", "key_log_size")]
+        with fk.poison_outputs():
+            out, imp = fk.merged_attention(*leaves[:3], key_log_size=leaves[3], causal=True, backend=name,
+                                           **{k: args[k] for k in ("cu_seqlens_q", "cu_seqlens_k", "importance_rows")})
+        dout = torch.randn_like(out) if dout is None else dout
+        res[name] = [out.detach(), imp, *_grads(out, leaves, dout)]
+    for got, want, what in zip(res["triton"], res["reference"], ("out", "importance", "dq", "dk", "dv", "dkey_log_size")):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4, msg=lambda m: f"{what}: {m}")

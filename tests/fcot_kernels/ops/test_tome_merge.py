@@ -377,3 +377,34 @@ def test_real_valued_near_ties_follow_the_match_contract(backend, dtype):
     assert counts["clear"] > 0 and counts["near_ties"] > 0, counts  # both kinds of row were exercised
     ref_score, ref_index = fk.tome_match(metric, protected=1, backend="reference")
     assert_match_contract(ref_score, ref_index, metric, protected=1)
+
+
+# --- every tensor argument in every layout (issue 9) ------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset", "transposed", "expanded"])
+@pytest.mark.parametrize("arg", ["x", "metric", "size"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_tensor_argument_in_every_layout(backend, arg, layout):
+    """x, metric and size as non-contiguous, offset, column-major or stride-0 views: the same
+    matching (exactly), merge and gradient as the reference on the same views; tome_match too."""
+    from fcot_kernels.testing import as_layout
+
+    backend = _backend(backend)
+    values = {"x": torch.randn(2, 21, 8, device=DEVICE), "metric": _int_metric(2, 21, 6), "size": _sizes(2, 21)}
+    res = {}
+    dy = None
+    for name in ("reference", backend):
+        args = {k: as_layout(v, layout if k == arg else "contiguous") for k, v in values.items()}
+        args["x"].requires_grad_()
+        with fk.poison_outputs():
+            merged, msize, source = fk.tome_merge(args["x"], r=7, metric=args["metric"], size=args["size"], protected=1, backend=name)
+            score, index = fk.tome_match(args["metric"], protected=1, backend=name)
+        dy = torch.randn_like(merged) if dy is None else dy
+        merged.backward(dy)
+        res[name] = (merged.detach(), msize, source, score, index, args["x"].grad)
+    ref = res["reference"]
+    assert torch.equal(res[backend][2], ref[2]) and torch.equal(res[backend][4], ref[4]), "matching differs"
+    assert torch.equal(res[backend][3], ref[3]), "scores differ"
+    for got, want, what in zip(res[backend], ref, ("merged", "merged_size", "source", "score", "index", "dx")):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
