@@ -73,43 +73,40 @@ __device__ __forceinline__ void store_f32_plain(float* p, const float (&in)[VEC]
   }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+// Max without NaN propagation: not needed by the callers (a NaN row poisons its sums anyway).
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-// Sum over the block; every thread gets the result. scratch holds >= 32 floats and may be
-// reused right after the call returns.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+
+// Reduction over the block; every thread gets the result. scratch holds >= 32 floats and may be
+// reused right after the call returns. The identity 0 serves both ops (block_max is used on
+// magnitudes, which are >= 0).
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   __syncthreads();  // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   v = lane < warps ? scratch[lane] : 0.f;
-  return warp_sum(v);
+  return warp_reduce(v, op);
 }
 
-// Max over the block (every thread gets it); NaN-propagating is not needed by the callers
-// (a NaN row poisons its sums anyway).
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < warps ? scratch[lane] : 0.f;
-  return warp_max(v);
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, SumOp{}); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, MaxOp{}); }
 
 // 2**floor(log2(a)) clamped to [1, 2**126]: the exact scale that keeps the LayerNorm statistics
 // of a row with max magnitude `a` from overflowing (rows below 2 are left as they are).
