@@ -42,6 +42,8 @@ class Case:
     bytes: float = 0.0
     """Bytes the op must move at least (each input read once, each output written once)."""
     flops: float = 0.0
+    tokens: float = 0.0
+    """Tokens processed per call (model-level benchmarks): reported as tokens/s."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Row:
     tflops: float | None = None
     frac_copy_bw: float | None = None
     frac_matmul: float | None = None
+    tokens_per_s: float | None = None
     note: str = ""
     env: dict = field(default_factory=dict)
 
@@ -170,6 +173,8 @@ def run_cases(
                 if case.bytes:
                     row.gbps = case.bytes / seconds / 1e9
                     row.frac_copy_bw = row.gbps / ceilings["copy_gbps"]
+                if case.tokens:
+                    row.tokens_per_s = case.tokens / seconds
                 if case.flops:
                     row.tflops = case.flops / seconds / 1e12
                     row.frac_matmul = row.tflops / ceilings["matmul_tflops"]
@@ -193,14 +198,15 @@ def write_results(rows: list[Row], out_dir: Path, stem: str) -> tuple[Path, Path
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'shape':<28}{'provider':<10}{'mode':<10}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}{'%copy':>7}{'TFLOP/s':>9}{'peak MB':>9}  note"
+    width = max([28, *(len(r.shape) + 2 for r in rows)])
+    head = f"{'shape':<{width}}{'provider':<10}{'mode':<10}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}{'%copy':>7}{'TFLOP/s':>9}{'peak MB':>9}{'tok/s':>10}  note"
     lines = [head]
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
         lines.append(
-            f"{r.shape:<28}{r.provider:<10}{r.mode:<10}{f(r.median_ms, '11.3f')}{f(r.p20_ms, '9.3f')}{f(r.p80_ms, '9.3f')}"
-            f"{f(r.gbps, '9.1f')}{f(r.frac_copy_bw and 100 * r.frac_copy_bw, '7.1f')}{f(r.tflops, '9.1f')}{f(r.peak_mem_mb, '9.1f')}  {r.note}"
+            f"{r.shape:<{width}}{r.provider:<10}{r.mode:<10}{f(r.median_ms, '11.3f')}{f(r.p20_ms, '9.3f')}{f(r.p80_ms, '9.3f')}"
+            f"{f(r.gbps, '9.1f')}{f(r.frac_copy_bw and 100 * r.frac_copy_bw, '7.1f')}{f(r.tflops, '9.1f')}{f(r.peak_mem_mb, '9.1f')}{f(r.tokens_per_s, '10.0f')}  {r.note}"
         )
     return "\n".join(lines)
 

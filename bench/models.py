@@ -45,3 +45,10 @@ PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 """LLM prefill lengths (tokens the LLM attends over, text plus visual tokens)."""
 IMAGE_MERGE_RATIOS = (0.5, 0.75)
 """Fractions of the visual tokens merged away (FCoT-VL's 50 % and 75 %)."""
+
+FFN_WIDTHS = {"InternVL2-1B": (4096, 4864), "InternVL2-2B": (4096, 8192)}
+"""(ViT MLP width, LLM MLP width) from the published configs (InternViT-300M; Qwen2-0.5B,
+InternLM2-1.8B), for model-level benchmarks that build whole random-weight models."""
+LLM_TYPES = {"InternVL2-1B": "qwen2", "InternVL2-2B": "llama"}
+"""transformers model type of each LLM; InternLM2 (not in transformers) is a Llama-architecture
+decoder with fused QKV, so a Llama of the same shape stands in for it."""

@@ -40,7 +40,7 @@ def _check_order(source: torch.Tensor, count: int) -> None:
 
 
 @pytest.mark.parametrize("backend", [KERNEL, "reference"])
-@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.25), ((16, 16), 0.3), ((7, 5), 0.25), ((3, 3), 1.0), ((1, 1), 0.5)])
+@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.75), ((16, 16), 0.7), ((7, 5), 0.75), ((3, 3), 0.0), ((1, 1), 0.5)])
 def test_tome_compressor(backend, grid, ratio):
     tiles, c = 3, 8
     t = grid[0] * grid[1]
@@ -61,14 +61,14 @@ def test_tome_compressor(backend, grid, ratio):
 def test_tome_targets_256():
     tokens = torch.randn(2, 256, 4, device=DEVICE)
     assert ToMeCompressor(0.5, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 128
-    assert ToMeCompressor(0.25, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 64
+    assert ToMeCompressor(0.75, backend=KERNEL)(tokens, (16, 16)).tokens.shape[1] == 64
 
 
 def test_tome_metric_and_gradient():
     tiles, grid, c = 2, (8, 8), 6
     tokens = torch.randn(tiles, 64, c, device=DEVICE, requires_grad=True)
     metric = torch.randint(-3, 4, (tiles, 64, 5), device=DEVICE).float()
-    out = tome_compress(tokens, grid, 0.25, metric=metric, backend=KERNEL)
+    out = tome_compress(tokens, grid, 0.75, metric=metric, backend=KERNEL)
     assert out.tokens.shape == (tiles, 16, c)
     # The first round matches on `metric`: the same as one tome_merge call with it.
     _, _, first = fk.tome_merge(tokens.detach(), r=32, metric=metric, backend="reference")
@@ -83,7 +83,7 @@ def test_tome_metric_and_gradient():
     torch.testing.assert_close(tokens.grad, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.25), ((5, 7), 0.3)])
+@pytest.mark.parametrize("grid,ratio", [((16, 16), 0.5), ((16, 16), 0.75), ((5, 7), 0.7)])
 def test_importance_pruner(grid, ratio):
     tiles, c = 3, 5
     t = grid[0] * grid[1]
@@ -110,8 +110,8 @@ def test_importance_ties_keep_lower_index():
 
 def test_bad_inputs_and_noop_flags():
     tokens = torch.randn(2, 16, 3, device=DEVICE)
-    with pytest.raises(ValueError, match=r"ratio=0 must be in \(0, 1\]"):
-        ToMeCompressor(0)
+    with pytest.raises(ValueError, match=r"ratio=1 must be in \[0, 1\): the fraction of visual tokens removed"):
+        ToMeCompressor(1)
     with pytest.raises(ValueError, match=r"ratio=1.5"):
         ImportancePruner(1.5)
     with pytest.raises(TypeError, match="ratio must be a float"):
@@ -128,7 +128,7 @@ def test_bad_inputs_and_noop_flags():
         ToMeCompressor(0.5, backend="reference")(tokens, (4, 4), importance=torch.rand(2, 16, device=DEVICE))
     with pytest.warns(UserWarning, match="ignores metric"):
         ImportancePruner(0.5)(tokens, (4, 4), importance=torch.rand(2, 16, device=DEVICE), metric=tokens)
-    assert "ratio=0.25" in repr(ToMeCompressor(0.25)) and "ratio=0.5" in repr(ImportancePruner(0.5))
+    assert "ratio=0.75" in repr(ToMeCompressor(0.75)) and "ratio=0.5" in repr(ImportancePruner(0.5))
 
 
 def test_importance_from_merged_attention_cls_row():
@@ -137,6 +137,82 @@ def test_importance_from_merged_attention_cls_row():
     q, k, v = (torch.randn(tiles, 17, heads, d, device=DEVICE) for _ in range(3))
     _, importance = fk.merged_attention(q, k, v, importance_rows=[0], backend="reference")
     patches = torch.randn(tiles, 16, 8, device=DEVICE)
-    out = ImportancePruner(0.25)(patches, grid, importance=importance[:, 1:])
+    out = ImportancePruner(0.75)(patches, grid, importance=importance[:, 1:])
     keep = importance[:, 1:].topk(4, dim=1).indices.sort(1).values
     assert torch.equal(out.tokens, patches.gather(1, keep[..., None].expand(-1, -1, 8)))
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+from fcot.compress import COMPRESSORS, Compressor, build_compressor, register_compressor, window_merge  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["none", "avg", "dwconv", "conv", "tome", "prune"])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_registered_compressors_counts(name, ratio):
+    if name == "none":
+        ratio = 0.0
+    tiles, width = 3, 8
+    tokens = torch.randn(tiles, 256, width, device=DEVICE)
+    comp = build_compressor(name, ratio, width=width, backend="reference").to(DEVICE)
+    out = comp(tokens, (16, 16))
+    expected = {0.0: 256, 0.5: 128, 0.75: 64}[ratio]
+    assert comp.tokens_out(256) == expected
+    assert out.tokens.shape == (tiles, expected, width) and out.sizes.shape == (tiles, expected)
+    kept = out.source >= 0
+    counts = torch.zeros(tiles, expected, device=DEVICE).scatter_add_(1, out.source.clamp_min(0), kept.float())
+    assert torch.equal(counts, out.sizes), "sizes must count the inputs behind each output"
+    _check_order(out.source, expected)
+    if comp.merge_mode is not None:
+        # Learnable merges start equal to avg.
+        avg = build_compressor("avg" if name != "none" else "none", ratio)(tokens, (16, 16)).tokens
+        torch.testing.assert_close(out.tokens, avg, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("merge,mode", [(2, "avg"), (4, "avg"), (2, "dwconv"), (4, "conv")])
+def test_window_merge_matches_compress_project_windows(merge, mode):
+    # The standalone window merge uses the same windows as the fused op (shuffled input, scale 1).
+    tiles, grid, width, hidden = 2, (4, 6), 8, 16
+    comp = build_compressor({"avg": "avg", "dwconv": "dwconv", "conv": "conv"}[mode], {2: 0.5, 4: 0.75}[merge], width=width)
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(tiles, grid[0] * grid[1], width)
+    ln_w, ln_b = torch.randn(width), torch.randn(width)
+    w1, b1, w2, b2 = torch.randn(hidden, width), torch.randn(hidden), torch.randn(hidden, hidden), torch.randn(hidden)
+    proj = dict(ln_weight=ln_w, ln_bias=ln_b, w1=w1, b1=b1, w2=w2, b2=b2, backend="reference")
+    fused = fk.compress_project(x, grid=grid, scale=1.0, merge=merge, mode=mode, merge_weight=comp.merge_weight,
+                                merge_bias=comp.merge_bias, **proj)
+    merged = window_merge(x, grid, merge, mode, comp.merge_weight, comp.merge_bias)
+    staged = fk.compress_project(merged, grid=(1, merged.shape[1]), scale=1.0, merge=1, **proj)
+    torch.testing.assert_close(staged, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_register_a_compressor_and_bad_names():
+    @register_compressor("first_half_test")
+    class FirstHalf(Compressor):
+        ratios = (0.5,)
+
+        def forward(self, tokens, grid, *, importance=None):
+            n = self.tokens_out(tokens.shape[1])
+            src = torch.arange(tokens.shape[1]).masked_fill(torch.arange(tokens.shape[1]) >= n, -1)
+            return Compressed(tokens[:, :n], torch.ones(tokens.shape[0], n), src.expand(tokens.shape[0], -1))
+
+    try:
+        assert COMPRESSORS["first_half_test"] is FirstHalf and FirstHalf.name == "first_half_test"
+        out = build_compressor("first_half_test", 0.5)(torch.randn(2, 16, 3), (4, 4))
+        assert out.tokens.shape == (2, 8, 3)
+        with pytest.raises(ValueError, match=r"does not support ratio=0.75; supported: \[0.5\]"):
+            build_compressor("first_half_test", 0.75)
+        with pytest.raises(ValueError, match="already registered"):
+            register_compressor("first_half_test")(type("Other", (Compressor,), {}))
+    finally:
+        COMPRESSORS.pop("first_half_test")
+    with pytest.raises(ValueError, match=r"compressor='nope' is not registered; registered compressors: \['avg', 'conv', 'dwconv', 'none', 'prune', 'tome'\]"):
+        build_compressor("nope", 0.5)
+    with pytest.raises(TypeError, match="needs a Compressor subclass"):
+        register_compressor("x")(int)
+    with pytest.raises(ValueError, match="learnable and needs width="):
+        build_compressor("conv", 0.5)
+    with pytest.raises(ValueError, match=r"merges 2x2 windows, which do not divide the 3x4 grid"):
+        build_compressor("avg", 0.75)(torch.randn(1, 12, 2), (3, 4))

@@ -1,0 +1,142 @@
+"""fcot for transformers' native InternVL (``model_type == "internvl"``):
+``InternVLForConditionalGeneration`` / ``InternVLModel`` (InternVL2.5/3/3.5 ``-hf`` checkpoints).
+
+What the patch changes on the instance (all undone by ``fcot.revert_fcot``):
+
+* ``model.model.multi_modal_projector`` -> :class:`~fcot.models.base.FcotProjector` (the
+  teacher's weights + the compressor); ``model.model.pixel_shuffle`` -> a pass-through, since
+  the projector shuffles inside its kernel;
+* a private copy of ``model.config`` with ``image_seq_length`` = the compressed count per tile
+  and an ``fcot`` section; the processor's ``image_seq_length`` follows;
+* a forward pre-hook on ``model.model`` that checks the image-token count of ``input_ids``
+  before transformers' own check can fail, and starts the proportional-attention state;
+* ``prune``: a forward hook on the selected ViT layer's attention recording the CLS row's
+  attention; ``proportional_attention``: the text config's attention implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compress import Compressor
+from . import attention
+from .base import FcotError, Patch, attach_cls_importance, build_projector, check_image_tokens, fcot_section
+from .base import passthrough_shuffle, vit_layer_index
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+def check_processor(processor: Any, image_token_id: int | None, tokens_base: int, *, default_token: str = "<IMG_CONTEXT>") -> str:
+    """The processor's image token after checking that its tokenizer has it (with the model's
+    id, when the model has one yet)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token = getattr(processor, "image_token", None) or default_token
+    if not hasattr(tokenizer, "convert_tokens_to_ids"):
+        raise FcotError(f"processor must be a transformers processor or tokenizer, got {type(processor).__name__}")
+    ids = tokenizer.convert_tokens_to_ids(token)
+    if ids is None or ids == getattr(tokenizer, "unk_token_id", None) or token not in tokenizer.get_vocab():
+        raise FcotError(
+            f"the processor's tokenizer lacks the image token {token!r}; fix the processor (its tokenizer must have "
+            f"{token!r}" + (f" with id {image_token_id}, the model's image token id)" if image_token_id is not None else ")")
+        )
+    if image_token_id is not None and ids != image_token_id:
+        raise FcotError(
+            f"the processor's image token {token!r} has id {ids} but the model's image_token_id is {image_token_id}: "
+            f"model and processor are from different checkpoints"
+        )
+    seq = getattr(processor, "image_seq_length", None)
+    if seq is not None and seq != tokens_base:
+        raise FcotError(
+            f"processor.image_seq_length={seq} but the model's tiles give {tokens_base} visual tokens uncompressed; "
+            f"fix the processor (image_seq_length={tokens_base}) before compressing"
+        )
+    return token
+
+
+def patch_internvl(model: nn.Module, processor: Any, compressor: Compressor, patch: Patch) -> None:
+    inner = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
+    if not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "vision_tower"):
+        raise FcotError(f"{type(model).__name__} has model_type 'internvl' but no multi_modal_projector/vision_tower")
+    config = model.config
+    vision = config.vision_config
+    image, patch_size = _pair(vision.image_size), _pair(vision.patch_size)
+    grid = (image[0] // patch_size[0], image[1] // patch_size[1])
+    scale = float(config.downsample_ratio)
+    r = round(1 / scale)
+    if grid[0] % r or grid[1] % r:
+        raise FcotError(f"the ViT grid {grid} is not divisible by the pixel shuffle's 1/downsample_ratio = {r}")
+    shuffled = (grid[0] // r, grid[1] // r)
+    compressor.check_grid(shuffled)
+    base = shuffled[0] * shuffled[1]
+    tokens_out = compressor.tokens_out(base)
+    image_token_id = config.image_token_id
+    if processor is not None:
+        check_processor(processor, image_token_id, base)
+
+    importance = None
+    if compressor.name == "prune":
+        layer = config.vision_feature_layer
+        has_cls = config.vision_feature_select_strategy == "default" and isinstance(layer, int)
+        head_dim = vision.hidden_size // vision.num_attention_heads
+        if has_cls and head_dim in attention.HEAD_DIMS:
+            idx = vit_layer_index(layer, len(inner.vision_tower.encoder.layer))
+            attach_cls_importance(patch, inner.vision_tower.encoder.layer[idx].attention)
+            importance = "cls"
+        else:
+            importance = "norm"
+            patch.info["warn"] = (
+                f"compressor='prune' ranks tokens by their L2 norm: this ViT's CLS attention is not available "
+                f"(vision_feature_select_strategy={config.vision_feature_select_strategy!r}, head_dim={head_dim})"
+            )
+
+    new_config = patch.own_config()
+    new_config.image_seq_length = tokens_out
+    new_config.fcot = fcot_section(patch.options, tokens_out, {"image_seq_length": config.image_seq_length}, importance)
+
+    width = vision.hidden_size * r * r
+    if compressor.width is None:
+        compressor.width = width
+    projector = build_projector(inner.multi_modal_projector, compressor, patch, scale=scale, key_format="transformers")
+    patch.setattr(inner, "multi_modal_projector", projector)
+    patch.setattr(inner, "pixel_shuffle", passthrough_shuffle(patch, scale))
+
+    fix = (
+        "Fix the processor: pass it to fcot.apply_fcot(model, processor) or set "
+        f"processor.image_seq_length = {tokens_out}."
+    )
+    state = patch.state
+
+    def pre_forward(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        tiles = pixel_values.shape[0] if pixel_values is not None else None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if tiles is None and encoded is not None:
+            # transformers >= 5 generate encodes the images before the prefill forward.
+            tiles = getattr(encoded, "pooler_output", encoded).shape[0]
+        if tiles is not None:
+            if input_ids is None and kwargs.get("inputs_embeds") is not None:
+                # Embeddings instead of ids: find the image tokens the way transformers does.
+                embeds = kwargs["inputs_embeds"]
+                token = module.get_input_embeddings()(torch.tensor(image_token_id, device=embeds.device))
+                input_ids = torch.where((embeds == token).all(-1), image_token_id, image_token_id + 1)
+            state.start(check_image_tokens(input_ids, image_token_id, tiles, tokens_out, base, fix))
+            return None
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            state.start(None)  # a text-only prefill
+        return None
+
+    patch.hook(inner.register_forward_pre_hook(pre_forward, with_kwargs=True))
+
+    if patch.options.proportional_attention:
+        attention.enable(patch, inner.language_model.config, inner.language_model)
+
+    if processor is not None and hasattr(processor, "image_seq_length"):
+        patch.setattr(processor, "image_seq_length", tokens_out)
+        patch.info["processor"] = processor
