@@ -196,9 +196,15 @@ def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
         "dist.all_gather(gathered, flat)\n"
         "assert torch.equal(gathered[0], gathered[1]), 'ranks differ'\n"
         "print('RANKS-EQUAL', dist.get_rank(), tr.state.global_step)\n")
+    import socket
+
+    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 is not supported by every rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                           str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                           f"--master_port={port}",
+                           str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANKS-EQUAL") == 2 and "RANKS-EQUAL 0 2" in proc.stdout
     assert fcot.is_patched(fcot.load_compressed(out))
