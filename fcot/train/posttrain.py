@@ -23,9 +23,9 @@ from torch import nn
 import fcot_kernels as fk
 from fcot.data.records import IGNORE_INDEX, ConversationCollator
 from fcot.train.config import ConfigError, RunConfig
-from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress, head_weights, last_checkpoint,
+from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress, head_weights,
                                load_base, load_weights_into, log_data_summary, loss_backend, metrics_callback_class,
-                               pad_token_id, prepare_run, shifted, training_arguments, visual_tokens_per_tile)
+                               pad_token_id, check_run, start_run, shifted, training_arguments, visual_tokens_per_tile)
 
 logger = logging.getLogger("fcot.train")
 
@@ -71,8 +71,8 @@ class PosttrainModule(TrainModule):
         feats = out.last_hidden_state if parts.layer == -1 else out.hidden_states[parts.layer]
         return feats[:, 1:] if parts.drop_cls else feats
 
-    def save_compressed(self, output_dir: str) -> None:
-        self.model.save_pretrained(output_dir, safe_serialization=True)
+    def save_compressed(self, output_dir: str, state_dict: dict | None = None) -> None:
+        self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
 
     def load_compressed(self, checkpoint: str) -> None:
         load_weights_into(self.model, checkpoint, self.cfg)
@@ -128,9 +128,9 @@ def build_posttrain_trainer(cfg: RunConfig, *, model: nn.Module | None = None, t
 
 def run_posttrain(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> PosttrainTrainer:
     """Stage 2 end to end (see :func:`fcot.train.distill.run_distill`)."""
-    prepare_run(cfg, resume=resume)
+    checkpoint = check_run(cfg, resume=resume)
     trainer = build_posttrain_trainer(cfg, **build_kwargs)
-    checkpoint = last_checkpoint(cfg.common.output_dir) if resume else None
+    start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.common.output_dir)
     trainer.fcot_data_summary = log_data_summary(trainer.train_dataset)

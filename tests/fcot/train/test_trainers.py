@@ -88,9 +88,9 @@ def test_resume_reproduces_the_loss_sequence(data, tmp_path):
                 control.should_training_stop = True
 
     cfg = _cfg("distill", data, tmp_path / "part", training=training)
-    from fcot.train.engine import prepare_run
+    from fcot.train.engine import start_run
 
-    prepare_run(cfg, resume=False)
+    start_run(cfg)
     part = build_distill_trainer(cfg, callbacks=[Stop()])
     part.train()
     assert os.path.isdir(tmp_path / "part" / "checkpoint-2") and not os.path.exists(tmp_path / "part" / ".staging")
@@ -161,6 +161,15 @@ def test_bad_input_fails_before_training(data, tmp_path):
     with pytest.raises(ConfigError, match="not an fcot run"):
         run_distill(_cfg("distill", data, out), resume=True)
     assert (out / "weights.bin").read_text() == "someone else's run"
+    # a data set without a usable record fails before anything is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\\nQ"}, '
+                   '{"from": "gpt", "value": "A"}]}\n')
+    from fcot.data.records import NoUsableRecordsError
+
+    with pytest.raises(NoUsableRecordsError, match="missing_image"):
+        run_distill(_cfg("distill", str(bad), tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_distill_then_merge_loads(data, tmp_path):
