@@ -254,7 +254,7 @@ class PosttrainConfig(_Section):
 
     SECTION = "posttrain"
     lora: bool = False
-    """Train the LLM through LoRA adapters (peft) instead of all its weights (not implemented yet: an error)."""
+    """Train the LLM through LoRA adapters (peft) instead of all its weights; saved merged into the weights."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

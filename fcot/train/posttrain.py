@@ -3,7 +3,10 @@ the answer tokens.
 
 :class:`PosttrainModule` holds the model patched by :func:`fcot.apply_fcot` (or loaded by
 :func:`fcot.load_compressed` from a stage-1 output); the compressor, the projector and the LLM
-(its head included) learn, the ViT stays frozen unless ``posttrain.train_vision``. The loss is
+(its head included) learn, the ViT stays frozen unless ``posttrain.train_vision``. With
+``posttrain.lora`` the LLM's weights (head included) freeze and LoRA adapters (peft) on its
+linear layers learn; checkpoints hold the model with the adapters merged (it loads with
+:func:`fcot.load_compressed`) and the adapters on their own (for resume). The loss is
 the cross-entropy on the answer tokens, computed through the LM head: with ``common.fused`` by
 :func:`fcot_kernels.fused_linear_distill` with ``kl_weight=0, ce_weight=1`` (chunked, the
 ``(N, V)`` logits never exist; the op has no CE-only mode, so its teacher side is a width-1 zero
@@ -14,6 +17,7 @@ the full logits (the reference).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -29,15 +33,15 @@ from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress
 
 logger = logging.getLogger("fcot.train")
 
+LORA_FILE = "lora_adapters.safetensors"
+"""The LoRA adapters of a checkpoint, saved next to the merged model (read on resume)."""
+
 
 class PosttrainModule(TrainModule):
     """The compressed model for SFT: patched here with ``cfg``'s compressor unless it already is;
     the ViT frozen (unless ``posttrain.train_vision``), everything else trainable."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: RunConfig) -> None:
-        if cfg.posttrain.lora:
-            raise ConfigError("posttrain.lora=true: LoRA post-training is not implemented yet; train the LLM fully "
-                              "(posttrain.lora=false)")
         compress(model, tokenizer, cfg)
         super().__init__(model, tokenizer)
         self.cfg = cfg
@@ -46,8 +50,53 @@ class PosttrainModule(TrainModule):
         if not cfg.posttrain.train_vision:
             for p in self.parts.vision.parameters():
                 p.requires_grad_(False)
+        if cfg.posttrain.lora:
+            self._add_lora()
         if cfg.posttrain.gradient_checkpointing:
             self.gradient_checkpointing()
+
+    def _add_lora(self) -> None:
+        """LoRA adapters (peft) on the LLM's linear layers (``posttrain.lora_target_modules``);
+        the LLM's own weights and its head freeze, the adapters, compressor and projector learn."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        pt = self.cfg.posttrain
+        targets = pt.lora_target_modules
+        targets = "all-linear" if targets == ["all-linear"] else targets
+        for p in [*self.parts.decoder.parameters(), *self.parts.head.parameters()]:
+            p.requires_grad_(False)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the adapters' init depends on common.seed only
+                torch.manual_seed(self.cfg.common.seed)
+                inject_adapter_in_model(LoraConfig(r=pt.lora_r, lora_alpha=pt.lora_alpha, lora_dropout=pt.lora_dropout,
+                                                   target_modules=targets), self.parts.decoder)
+        except ValueError as e:
+            raise ConfigError(f"posttrain.lora_target_modules={pt.lora_target_modules!r}: {e}") from None
+        for name, p in self.parts.decoder.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with every LoRA adapter merged into its layer's weight, under
+        the names the model has without adapters (what ``save_pretrained`` and
+        :func:`fcot.load_compressed` expect)."""
+        from peft.tuners.lora import LoraLayer
+
+        deltas = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                deltas[f"{name}.base_layer.weight"] = delta
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if ".lora_" in key:
+                continue
+            if key in deltas:
+                value = (value.float() + deltas[key].float()).to(value.dtype)
+            out[key.replace(".base_layer.", ".")] = value.detach()
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items() if ".lora_" in k}
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_tiles=None):
         """Returns ``{"hidden": (N, H), "labels": (N,)}``: the supervised rows, next-token aligned."""
@@ -72,10 +121,43 @@ class PosttrainModule(TrainModule):
         return feats[:, 1:] if parts.drop_cls else feats
 
     def save_compressed(self, output_dir: str, state_dict: dict | None = None) -> None:
-        self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        """``save_pretrained`` of the compressed model; with LoRA, the adapters merged into the
+        weights (so it loads with :func:`fcot.load_compressed`) and also saved on their own in
+        ``lora_adapters.safetensors`` (what resume reads)."""
+        if not self.cfg.posttrain.lora:
+            self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            return
+        if state_dict is not None:
+            raise ConfigError("posttrain.lora=true with FSDP/DeepSpeed saving is not supported; use DDP or full training")
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(output_dir, state_dict=self.merged_state_dict(), safe_serialization=True)
+        save_file(self.adapter_state_dict(), os.path.join(output_dir, LORA_FILE))
 
     def load_compressed(self, checkpoint: str) -> None:
-        load_weights_into(self.model, checkpoint, self.cfg)
+        """Resume: the checkpoint's weights into this model. With LoRA the LLM's frozen base
+        weights stay those of the base model (the checkpoint holds them merged), the adapters
+        come from ``lora_adapters.safetensors`` and the other trainable weights from the model."""
+        if not self.cfg.posttrain.lora:
+            load_weights_into(self.model, checkpoint, self.cfg)
+            return
+        from safetensors.torch import load_file
+
+        from fcot import load_compressed
+
+        adapters = load_file(os.path.join(checkpoint, LORA_FILE))
+        fresh = load_compressed(checkpoint, fused=self.cfg.common.fused, dtype=next(self.model.parameters()).dtype,
+                                **({"trust_remote_code": True} if self.cfg.common.trust_remote_code else {}))
+        saved = fresh.state_dict()
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, p in own.items():
+                if not p.requires_grad:
+                    continue
+                src = adapters.get(name) if ".lora_" in name else saved.get(name)
+                if src is None:
+                    raise ConfigError(f"checkpoint {checkpoint} lacks {name!r}")
+                p.copy_(src)
 
 
 def sft_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> torch.Tensor:

@@ -217,3 +217,41 @@ def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANKS-EQUAL") == 2 and "RANKS-EQUAL 0 2" in proc.stdout
     assert fcot.is_patched(fcot.load_compressed(out))
+
+
+def test_posttrain_lora_merges_into_a_loadable_model_and_resumes(data, tmp_path):
+    section = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    training = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2,
+                "learning_rate": 1e-2}
+    full = run_posttrain(_cfg("posttrain", data, tmp_path / "full", training=training, section=section))
+    module = full.model
+    assert all(("lora_" in n) == p.requires_grad for n, p in module.parts.decoder.named_parameters())
+    assert not any(p.requires_grad for p in module.parts.head.parameters())
+    # the merged, saved model computes what the adapted model computes
+    loaded = fcot.load_compressed(tmp_path / "full")
+    batch = full.data_collator([full.train_dataset[0]])
+    module.eval()
+    with torch.no_grad():
+        want = module(**batch)["hidden"]
+        from fcot.train.posttrain import PosttrainModule
+
+        plain = PosttrainModule(loaded, full.processing_class, _cfg("posttrain", data, tmp_path / "x"))
+        got = plain(**batch)["hidden"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # resume from checkpoint-2 gives the same losses
+    ckpt_run = tmp_path / "part"
+
+    class Stop(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    from fcot.train.engine import start_run
+    from fcot.train.posttrain import build_posttrain_trainer
+
+    cfg = _cfg("posttrain", data, ckpt_run, training=training, section=section)
+    start_run(cfg)
+    build_posttrain_trainer(cfg, callbacks=[Stop()]).train()
+    run_posttrain(cfg, resume=True)
+    got = [m["loss"] for m in read_metrics(ckpt_run) if "loss" in m]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(_losses(full)), rtol=1e-5, atol=1e-7)
