@@ -104,17 +104,37 @@ def test_resume_reproduces_the_loss_sequence(data, tmp_path):
 
 
 def test_fused_and_reference_losses_agree(data, tmp_path):
-    cfgs = [_cfg("distill", data, tmp_path / f"r{f}", fused=f, section={"ce_weight": 0.5, "temperature": 2.0})
-            for f in (True, False)]
+    """backend='triton' (the interpreter on a CPU; 'auto' would pick the reference there) against fused=False."""
+    from fcot.train.posttrain import build_posttrain_trainer, sft_loss
+
+    section = {"ce_weight": 0.5, "temperature": 2.0}
+    cfgs = [_cfg("distill", data, tmp_path / "r1", backend="triton", section=section),
+            _cfg("distill", data, tmp_path / "r0", fused=False, section=section)]
     trainers = [build_distill_trainer(c) for c in cfgs]
     batch = trainers[0].data_collator([trainers[0].train_dataset[i] for i in range(2)])
-    losses = []
+    losses, grads = [], []
     for tr, c in zip(trainers, cfgs):
-        with torch.no_grad():
-            out = tr.model(**batch)
-            losses.append(distill_loss(out, tr.model.parts.head, c))
-    assert losses[0] > 0
+        out = tr.model(**batch)
+        loss = distill_loss(out, tr.model.parts.head, c)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(tr.model.parts.student_projector.linear_1.weight.grad.clone())
+    assert losses[0] > 0 and grads[0].abs().max() > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    # stage 2: fused CE (fused_linear_distill with kl_weight=0) == PyTorch's cross_entropy
+    pcfgs = [_cfg("posttrain", data, tmp_path / "p1", backend="triton"), _cfg("posttrain", data, tmp_path / "p0", fused=False)]
+    ptrainers = [build_posttrain_trainer(c) for c in pcfgs]
+    pbatch = ptrainers[0].data_collator([ptrainers[0].train_dataset[i] for i in range(2)])
+    sft, head_grads = [], []
+    for tr, c in zip(ptrainers, pcfgs):
+        loss = sft_loss(tr.model(**pbatch), tr.model.parts.head, c)
+        loss.backward()
+        sft.append(loss.detach())
+        head_grads.append(tr.model.parts.head.weight.grad.clone())
+    assert sft[0] > 1.0
+    torch.testing.assert_close(sft[0], sft[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads[0], head_grads[1], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
