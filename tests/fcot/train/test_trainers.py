@@ -275,3 +275,10 @@ def test_posttrain_lora_merges_into_a_loadable_model_and_resumes(data, tmp_path)
     run_posttrain(cfg, resume=True)
     got = [m["loss"] for m in read_metrics(ckpt_run) if "loss" in m]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(_losses(full)), rtol=1e-5, atol=1e-7)
+
+
+def test_options_that_change_nothing_warn(data, tmp_path):
+    with pytest.warns(UserWarning, match="distill.beta=0.3 has no effect"):
+        _cfg("distill", data, tmp_path / "w", section={"beta": 0.3})
+    with pytest.warns(UserWarning, match="posttrain.lora_r have no effect"):
+        _cfg("posttrain", data, tmp_path / "w", section={"lora_r": 8})
