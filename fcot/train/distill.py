@@ -100,11 +100,14 @@ def distill_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) 
     d = cfg.distill
     s, t = out["student_hidden"], out["teacher_hidden"]
     w, b = head_weights(head, s.dtype)
-    return fk.fused_linear_distill(
-        s, t.to(s.dtype), w, b, labels=out["labels"], temperature=d.temperature, kl_weight=d.kl_weight,
-        ce_weight=d.ce_weight, divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
-        backend=loss_backend(cfg),
-    )
+    # Outside autocast: both backends then compute in the hidden states' dtype (the reference's
+    # F.linear would otherwise run in the autocast dtype while the fused op does not).
+    with torch.autocast(s.device.type, enabled=False):
+        return fk.fused_linear_distill(
+            s, t.to(s.dtype), w, b, labels=out["labels"], temperature=d.temperature, kl_weight=d.kl_weight,
+            ce_weight=d.ce_weight, divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
+            backend=loss_backend(cfg),
+        )
 
 
 class DistillTrainer(FcotTrainer):

@@ -183,7 +183,13 @@ class ModelParts:
         return teacher_projector(x.reshape(t, -1, x.shape[-1]))
 
     def student_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.student_projector(tokens)
+        """The fcot projector, outside autocast in its weights' dtype: its fused ops take one
+        dtype for inputs and weights (under bf16 autocast the ViT tokens are bf16 while the
+        trainable weights are fp32 master copies)."""
+        projector = self.student_projector
+        dtype = projector.linear_1.weight.dtype
+        with torch.autocast(tokens.device.type, enabled=False):
+            return projector(tokens.to(dtype))
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         embeds = self.embeddings(input_ids)

@@ -163,6 +163,11 @@ class PosttrainModule(TrainModule):
 def sft_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> torch.Tensor:
     """Mean cross-entropy of the answer rows through the LM head (fused or reference, see the module docstring)."""
     h, labels = out["hidden"], out["labels"]
+    with torch.autocast(h.device.type, enabled=False):  # both backends in the hidden states' dtype
+        return _sft_loss(h, labels, head, cfg)
+
+
+def _sft_loss(h: torch.Tensor, labels: torch.Tensor, head: nn.Module, cfg: RunConfig) -> torch.Tensor:
     w, b = head_weights(head, h.dtype)
     backend = loss_backend(cfg)
     if backend == "reference":

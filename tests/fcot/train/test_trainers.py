@@ -282,3 +282,19 @@ def test_options_that_change_nothing_warn(data, tmp_path):
         _cfg("distill", data, tmp_path / "w", section={"beta": 0.3})
     with pytest.warns(UserWarning, match="posttrain.lora_r have no effect"):
         _cfg("posttrain", data, tmp_path / "w", section={"lora_r": 8})
+
+
+def test_bf16_autocast_step_runs_and_fused_equals_reference(data, tmp_path):
+    """What Trainer's bf16 does on a GPU, here with CPU autocast: the fused projector runs outside
+    autocast in its fp32 weights, the loss in the hidden states' dtype on both backends."""
+    cfgs = [_cfg("distill", data, tmp_path / "a1", backend="triton"), _cfg("distill", data, tmp_path / "a0", fused=False)]
+    losses = []
+    for c in cfgs:
+        tr = build_distill_trainer(c)
+        batch = tr.data_collator([tr.train_dataset[0]])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = distill_loss(tr.model(**batch), tr.model.parts.head, c)
+        loss.backward()
+        assert tr.model.parts.student_projector.compressor.merge_weight.grad.abs().max() > 0
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
