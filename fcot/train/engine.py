@@ -65,7 +65,7 @@ def load_base(cfg: RunConfig, *, allow_compressed: bool) -> tuple[nn.Module, Any
     if family not in ("internvl", "internvl_chat"):
         raise ConfigError(f"common.model={name!r} has model_type {family!r}: expected an InternVL model "
                           "('internvl', transformers-native, or 'internvl_chat', OpenGVLab remote code)")
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = dtype_kwarg(torch.float32)
     if family == "internvl_chat":
         kwargs["trust_remote_code"] = trust
     if getattr(config, "fcot", None) is not None:
@@ -87,6 +87,14 @@ def load_base(cfg: RunConfig, *, allow_compressed: bool) -> tuple[nn.Module, Any
     if family == "internvl":
         image_processor = transformers.AutoImageProcessor.from_pretrained(name)
     return model, tokenizer, image_processor
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained``'s dtype argument: ``dtype`` (transformers >= 4.56) or ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def _patch_ratio(cfg: RunConfig) -> float:
@@ -457,7 +465,7 @@ def load_weights_into(model: nn.Module, checkpoint: str, cfg: RunConfig) -> None
     copied over, every key checked."""
     from fcot import load_compressed
 
-    kwargs: dict[str, Any] = {"dtype": next(model.parameters()).dtype}
+    kwargs: dict[str, Any] = dtype_kwarg(next(model.parameters()).dtype)
     if model.config.model_type == "internvl_chat":
         kwargs["trust_remote_code"] = cfg.common.trust_remote_code
     fresh = load_compressed(checkpoint, fused=cfg.common.fused, backend=_kernel_backend(cfg), **kwargs)

@@ -27,7 +27,7 @@ from torch import nn
 import fcot_kernels as fk
 from fcot.data.records import IGNORE_INDEX, ConversationCollator
 from fcot.train.config import ConfigError, RunConfig
-from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress, head_weights,
+from fcot.train.engine import (FcotTrainer, dtype_kwarg, TrainModule, build_dataset, compress, head_weights,
                                load_base, load_weights_into, log_data_summary, loss_backend, metrics_callback_class,
                                pad_token_id, check_run, start_run, shifted, training_arguments, visual_tokens_per_tile)
 
@@ -146,7 +146,7 @@ class PosttrainModule(TrainModule):
         from fcot import load_compressed
 
         adapters = load_file(os.path.join(checkpoint, LORA_FILE))
-        fresh = load_compressed(checkpoint, fused=self.cfg.common.fused, dtype=next(self.model.parameters()).dtype,
+        fresh = load_compressed(checkpoint, fused=self.cfg.common.fused, **dtype_kwarg(next(self.model.parameters()).dtype),
                                 **({"trust_remote_code": True} if self.cfg.common.trust_remote_code else {}))
         saved = fresh.state_dict()
         own = dict(self.model.named_parameters())

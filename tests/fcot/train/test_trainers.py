@@ -192,7 +192,7 @@ def test_bad_input_fails_before_training(data, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_cli_distill_then_merge_loads(data, tmp_path):
+def test_cli_distill_merge_posttrain(data, tmp_path, capsys):
     from fcot.cli import main
 
     runs = []
@@ -207,6 +207,22 @@ def test_cli_distill_then_merge_loads(data, tmp_path):
     assert main(["merge", str(tmp_path / "m"), *runs]) == 0
     merged = fcot.load_compressed(tmp_path / "m")
     assert fcot.is_patched(merged)
+    common = ["--set", f"data.jsonl={data}", "--set", "data.max_tiles=1",
+              *[f"--set=training.{kv}" for kv in ("max_steps=1", "use_cpu=true", "disable_tqdm=true")]]
+    # stage 2 from the merged stage-1 model (a folder: load_compressed, its tokenizer and image processor)
+    assert main(["posttrain", "--model", str(tmp_path / "m"), "--compressor", "avg", "--no-fused",
+                 "--output-dir", str(tmp_path / "p"), *common]) == 0
+    assert fcot.is_patched(fcot.load_compressed(tmp_path / "p"))
+    # a compressed folder with other options than asked, and distill from a compressed model: exit 2, one line
+    for argv, msg in ((["posttrain", "--model", str(tmp_path / "m"), "--compressor", "conv"], "compressed with"),
+                      (["distill", "--model", str(tmp_path / "m"), "--compressor", "avg"], "already compressed"),
+                      (["distill", "--model", "tiny", "--ratio", "0.3"], "common.ratio")):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--output-dir", str(tmp_path / "bad"), *common])
+        assert exc.value.code == 2
+        assert not (tmp_path / "bad").exists()
+    err = capsys.readouterr().err
+    assert "compressed with compressor='avg'" in err and "already compressed" in err and "common.ratio" in err
 
 
 def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
@@ -298,3 +314,17 @@ def test_bf16_autocast_step_runs_and_fused_equals_reference(data, tmp_path):
         assert tr.model.parts.student_projector.compressor.merge_weight.grad.abs().max() > 0
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(data, tmp_path):
+    grads = []
+    for gc in (False, True):
+        c = _cfg("distill", data, tmp_path / f"g{gc}", section={"gradient_checkpointing": gc})
+        tr = build_distill_trainer(c)
+        tr.model.train()
+        assert tr.model.parts.decoder.is_gradient_checkpointing == gc
+        batch = tr.data_collator([tr.train_dataset[i] for i in range(2)])
+        distill_loss(tr.model(**batch), tr.model.parts.head, c).backward()
+        grads.append(tr.model.parts.student_projector.linear_1.weight.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
