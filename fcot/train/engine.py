@@ -377,7 +377,11 @@ class TrainModule(nn.Module):
         decoder = self.parts.decoder
         if not getattr(decoder, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing: the LLM {type(decoder).__name__} does not support it; turn it off")
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5 renamed it activation_checkpointing_enable (the old name warns)
+        if hasattr(decoder, "activation_checkpointing_enable"):
+            decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The LLM's parameters are frozen in stage 1: its input must carry the graph, which it
         # does (the visual features require grad), so no enable_input_require_grads is needed.
 
