@@ -26,7 +26,7 @@ from fcot.distill import pair_answer_tokens
 from fcot.models.base import FcotError
 from fcot.train.config import ConfigError, RunConfig
 from fcot.train.engine import (DistillCollator, FcotTrainer, ResizeImageTokens, TrainModule, build_dataset, compress,
-                               head_weights, load_base, load_weights_into, log_data_summary,
+                               head_weights, load_base, load_weights_into, finish_run,
                                loss_backend, metrics_callback_class, pad_token_id, check_run, start_run, shifted,
                                training_arguments, visual_tokens_per_tile)
 
@@ -155,8 +155,7 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) ->
     trainer = build_distill_trainer(cfg, **build_kwargs)
     start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(cfg.common.output_dir)
-    trainer.fcot_data_summary = log_data_summary(trainer.train_dataset)
+    trainer.fcot_data_summary = finish_run(trainer, cfg)
     return trainer
 
 

@@ -527,13 +527,20 @@ def training_arguments(cfg: RunConfig, **defaults: Any):
     return cfg.training_arguments(**extra)
 
 
-def log_data_summary(dataset: ConversationDataset) -> dict[str, Any]:
-    summary = dataset.summary()
-    if summary.skipped:
-        logger.warning("data: %s", summary)
-    else:
-        logger.info("data: %s", summary)
-    return summary.as_dict()
+DATA_SUMMARY_FILE = "data_summary.json"
+
+
+def finish_run(trainer, cfg: RunConfig) -> dict[str, Any]:
+    """After training: save the final model to ``common.output_dir`` and report the skipped
+    records (logged, and written to ``data_summary.json`` by the main process); returns the counts."""
+    trainer.save_model(cfg.common.output_dir)
+    summary = trainer.train_dataset.summary()
+    (logger.warning if summary.skipped else logger.info)("data: %s", summary)
+    counts = summary.as_dict()
+    if trainer.args.should_save:
+        path = Path(cfg.common.output_dir) / DATA_SUMMARY_FILE
+        path.write_text(json.dumps(counts, indent=1, default=str), encoding="utf-8")
+    return counts
 
 
 __all__ = ["DistillCollator", "FcotTrainer", "ModelParts", "ResizeImageTokens", "TrainModule", "build_dataset",

@@ -28,7 +28,7 @@ import fcot_kernels as fk
 from fcot.data.records import IGNORE_INDEX, ConversationCollator
 from fcot.train.config import ConfigError, RunConfig
 from fcot.train.engine import (FcotTrainer, dtype_kwarg, TrainModule, build_dataset, compress, head_weights,
-                               load_base, load_weights_into, log_data_summary, loss_backend, metrics_callback_class,
+                               load_base, load_weights_into, finish_run, loss_backend, metrics_callback_class,
                                pad_token_id, check_run, start_run, shifted, training_arguments, visual_tokens_per_tile)
 
 logger = logging.getLogger("fcot.train")
@@ -219,8 +219,7 @@ def run_posttrain(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) 
     trainer = build_posttrain_trainer(cfg, **build_kwargs)
     start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(cfg.common.output_dir)
-    trainer.fcot_data_summary = log_data_summary(trainer.train_dataset)
+    trainer.fcot_data_summary = finish_run(trainer, cfg)
     return trainer
 
 

@@ -74,6 +74,8 @@ def test_posttrain_lowers_the_loss_and_loads_with_load_compressed(data, tmp_path
     for (n, a), (_, b) in zip(trainer.model.model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
     assert read_metrics(tmp_path / "pt")[0]["step"] == 1
+    summary = json.loads((tmp_path / "pt" / "data_summary.json").read_text())
+    assert summary["usable"] == 4 and trainer.fcot_data_summary == summary
 
 
 def test_resume_reproduces_the_loss_sequence(data, tmp_path):
