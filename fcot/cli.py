@@ -6,7 +6,8 @@ CPU (:mod:`fcot.demo`). ``fcot eval`` answers and scores a JSONL eval set (:mod:
 ``fcot kernels-check``: random InternVL-shaped ViT tokens go through ``shuffle_merge_norm`` on
 every backend that can run here, each checked against the fp32 reference.
 ``fcot data synth`` writes synthetic text-rich documents with QA pairs (``fcot.data.synth``);
-``fcot merge`` averages checkpoints (``fcot.train.merge``).
+``fcot merge`` averages checkpoints (``fcot.train.merge``); ``fcot distill`` and ``fcot posttrain``
+train (``fcot.train.distill``, ``fcot.train.posttrain``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,38 @@ def _merge(args: argparse.Namespace) -> int:
     out = merge_checkpoints(args.out, args.checkpoints, args.weights, overwrite=args.overwrite)
     print(f"merged {len(args.checkpoints)} checkpoints into {out}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fcot.train.config import config_from_args
+
+    cfg = config_from_args(args.command, args)
+    if args.command == "distill":
+        from fcot.train.distill import run_distill as run
+    else:
+        from fcot.train.posttrain import run_posttrain as run
+    trainer = run(cfg, resume=args.resume)
+    print(f"fcot {args.command}: {trainer.state.global_step} steps; model saved to {cfg.common.output_dir} "
+          f"(load it with fcot.load_compressed); metrics in {cfg.common.output_dir}/metrics.jsonl")
+    return 0
+
+
+def _add_train(sub) -> None:
+    from fcot.train.config import add_config_arguments
+
+    helps = {
+        "distill": ("stage 1: re-align the compressed model to the uncompressed one by self-distillation",
+                    "Trains the compressor and the student projector (ViT and LLM frozen) on KL(teacher || student) "
+                    "over the answer tokens. --model tiny builds a tiny random InternVL (tests, demo)."),
+        "posttrain": ("stage 2: fine-tune the compressed model (compressor, projector, LLM) on the answer tokens",
+                      "--model may be a stage-1 output folder (loaded with fcot.load_compressed)."),
+    }
+    for name, (short, desc) in helps.items():
+        p = sub.add_parser(name, help=short, description=desc + " Options come from --config (YAML: common, data, "
+                           f"{name}, training), then --set, then the flags below.")
+        add_config_arguments(p)
+        p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+        p.set_defaults(run=_train)
 
 
 def _add_data(sub) -> None:
@@ -229,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_report(sub)
     _add_data(sub)
     _add_merge(sub)
+    _add_train(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -147,6 +147,8 @@ class CommonConfig(_Section):
     """Replace an output_dir that already holds a different run (otherwise that is an error)."""
     seed: int = 0
     """Seed for initialisation, data order and dropout (also TrainingArguments.seed)."""
+    trust_remote_code: bool = False
+    """Run the model folder's own Python code (needed for OpenGVLab's remote-code InternVL checkpoints)."""
 
     def validate(self) -> None:
         if not self.model:
@@ -252,7 +254,7 @@ class PosttrainConfig(_Section):
 
     SECTION = "posttrain"
     lora: bool = False
-    """Train the LLM through LoRA adapters (peft) instead of all its weights."""
+    """Train the LLM through LoRA adapters (peft) instead of all its weights (not implemented yet: an error)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

@@ -1,0 +1,513 @@
+"""What both training stages share: loading the base model, the per-family model parts the
+trainers call, the data set, the run folder (config, metrics JSONL, atomic checkpoints, resume)
+and :class:`FcotTrainer`, the ``transformers.Trainer`` subclass both stages build on.
+
+Checkpoints: ``Trainer`` writes ``checkpoint-N`` in place, so a run killed while saving leaves
+a partial folder that ``resume_from_checkpoint=True`` would pick (it takes the highest N).
+:class:`FcotTrainer` writes each checkpoint into ``output_dir/.staging/checkpoint-N`` (every
+rank writes its part there), then the main process renames it into ``output_dir`` (one
+``os.replace`` of a folder: atomic on one file system) and rotates old ones. The model part of a
+checkpoint is the compressed model's ``save_pretrained`` (with its ``config.fcot`` section), so
+every checkpoint, and the final model in ``output_dir``, loads with :func:`fcot.load_compressed`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcot.data.records import ConversationCollator, ConversationDataset, make_tiler
+from fcot.models.base import FcotError
+from fcot.train.config import ConfigError, RunConfig, check_output_dir, save_config
+
+logger = logging.getLogger("fcot.train")
+
+METRICS_FILE = "metrics.jsonl"
+STAGING = ".staging"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading and the parts of each family
+# ---------------------------------------------------------------------------------------------
+
+
+def load_base(cfg: RunConfig, *, allow_compressed: bool) -> tuple[nn.Module, Any, Any]:
+    """``(model, tokenizer, image_processor)`` of ``common.model``: ``tiny`` builds
+    :func:`fcot.models.tiny.build_tiny`; a folder or hub id loads with transformers (fp32: the
+    trainable weights need fp32 master copies; bf16 comes from autocast). A folder saved from a
+    compressed model (``config.fcot``) loads with :func:`fcot.load_compressed` when
+    ``allow_compressed``. ``image_processor`` is None for the remote-code family."""
+    import transformers
+
+    from fcot import load_compressed
+    from fcot.models.tiny import TINY_NAMES, build_tiny
+
+    name, common = cfg.common.model, cfg.common
+    if name in TINY_NAMES:
+        bundle = build_tiny(seed=common.seed)
+        return bundle.model, bundle.tokenizer, bundle.image_processor
+    trust = common.trust_remote_code
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"common.model={name!r}: cannot load its config ({e}); set a local model folder, a hub id, "
+                          "or common.trust_remote_code=true for OpenGVLab's remote-code checkpoints") from None
+    family = getattr(config, "model_type", None)
+    if family not in ("internvl", "internvl_chat"):
+        raise ConfigError(f"common.model={name!r} has model_type {family!r}: expected an InternVL model "
+                          "('internvl', transformers-native, or 'internvl_chat', OpenGVLab remote code)")
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if family == "internvl_chat":
+        kwargs["trust_remote_code"] = trust
+    if getattr(config, "fcot", None) is not None:
+        if not allow_compressed:
+            raise ConfigError(f"common.model={name!r} is already compressed (saved by fcot); `fcot distill` starts "
+                              "from the original model: set common.model to the uncompressed checkpoint")
+        model = load_compressed(name, fused=common.fused, backend=_kernel_backend(cfg), **kwargs)
+        saved = model._fcot_patch.options
+        if (saved.compressor, saved.ratio) != (common.compressor, _patch_ratio(cfg)):
+            raise ConfigError(f"common.model={name!r} was compressed with compressor={saved.compressor!r}, "
+                              f"ratio={saved.ratio}, but the config asks for compressor={common.compressor!r}, "
+                              f"ratio={common.ratio}: set common.compressor/common.ratio to the saved ones")
+    elif family == "internvl":
+        model = transformers.AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    else:
+        model = transformers.AutoModel.from_pretrained(name, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+    image_processor = None
+    if family == "internvl":
+        image_processor = transformers.AutoImageProcessor.from_pretrained(name)
+    return model, tokenizer, image_processor
+
+
+def _patch_ratio(cfg: RunConfig) -> float:
+    return 0.0 if cfg.common.compressor == "none" else cfg.common.ratio
+
+
+def _kernel_backend(cfg: RunConfig) -> str | None:
+    return cfg.common.backend if cfg.common.fused else None
+
+
+def loss_backend(cfg: RunConfig) -> str | None:
+    """The ``fused_linear_distill`` backend: ``common.backend`` when fused, else the reference.
+    ``cuda`` has no kernel for this op: its Triton kernel runs (the cuda backend's GPU)."""
+    if not cfg.common.fused:
+        return "reference"
+    return "triton" if cfg.common.backend == "cuda" else cfg.common.backend
+
+
+def compress(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> nn.Module:
+    """``fcot.apply_fcot`` with the run's options (a model that is already patched is checked
+    by :func:`load_base`). A ratio the model cannot take is an error naming ``common.ratio``."""
+    from fcot import apply_fcot, is_patched
+
+    if is_patched(model):
+        return model
+    try:
+        return apply_fcot(model, compressor=cfg.common.compressor, ratio=cfg.common.ratio if cfg.common.compressor != "none"
+                          else 0.5, fused=cfg.common.fused, backend=_kernel_backend(cfg))
+    except (FcotError, ValueError) as e:
+        raise ConfigError(f"common.compressor={cfg.common.compressor!r}, common.ratio={cfg.common.ratio}: {e}") from None
+
+
+class ModelParts:
+    """The pieces of a (patched) InternVL that the trainers call directly, so that one ViT pass
+    serves both the teacher and the student: ``vit`` (patch tokens before the pixel shuffle),
+    ``teacher_features`` (the original shuffle + projector), ``student_features`` (the fcot
+    projector), ``embed`` (token embeddings with the visual features scattered in), ``decoder``
+    (the LLM without its head) and ``head`` (the LM head)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+        family = getattr(model.config, "model_type", None)
+        self.family = family
+        if family == "internvl":
+            inner = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
+            if not hasattr(model, "lm_head"):
+                raise FcotError(f"{type(model).__name__} has no lm_head: train InternVLForConditionalGeneration")
+            self.owner, self.projector_attr = inner, "multi_modal_projector"
+            self.vision = inner.vision_tower
+            self.decoder = inner.language_model
+            self.head = model.lm_head
+            self.layer = model.config.vision_feature_layer
+            self.drop_cls = model.config.vision_feature_select_strategy == "default"
+            self.image_token_id = int(model.config.image_token_id)
+        elif family == "internvl_chat":
+            lm = model.language_model
+            self.owner, self.projector_attr = model, "mlp1"
+            self.vision = model.vision_model
+            self.decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+            self.head = lm.get_output_embeddings()
+            self.layer = int(getattr(model, "select_layer", -1))
+            self.drop_cls = True
+            token = getattr(model, "img_context_token_id", None)
+            if token is None:
+                if tokenizer is None:
+                    raise FcotError("model.img_context_token_id is None and no tokenizer was given to read <IMG_CONTEXT> from")
+                token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+                model.img_context_token_id = token
+            self.image_token_id = int(token)
+        else:
+            raise FcotError(f"model_type {family!r} is not an InternVL family fcot trains ('internvl', 'internvl_chat')")
+        if not isinstance(self.layer, int):
+            raise FcotError(f"vision feature layer {self.layer!r}: fcot trains single-layer ViT features only")
+        self.embeddings = self.decoder.get_input_embeddings()
+        self.scale = float(model.config.downsample_ratio)
+
+    @property
+    def student_projector(self) -> nn.Module:
+        return getattr(self.owner, self.projector_attr)
+
+    def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(tiles, N, C)`` ViT patch tokens (CLS dropped as the model does), without a graph."""
+        dtype = next(self.vision.parameters()).dtype
+        with torch.no_grad():
+            out = self.vision(pixel_values=pixel_values.to(dtype), output_hidden_states=self.layer != -1, return_dict=True)
+            feats = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+            return feats[:, 1:] if self.drop_cls else feats
+
+    def teacher_features(self, tokens: torch.Tensor, teacher_projector: nn.Module) -> torch.Tensor:
+        """The uncompressed model's visual features: its own pixel shuffle (the class method;
+        the instance's is fcot's pass-through) and the original projector."""
+        t, n, c = tokens.shape
+        side = math.isqrt(n)
+        x = type(self.owner).pixel_shuffle(self.owner, tokens.reshape(t, side, side, c), scale_factor=self.scale)
+        return teacher_projector(x.reshape(t, -1, x.shape[-1]))
+
+    def student_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.student_projector(tokens)
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.embeddings(input_ids)
+        mask = input_ids == self.image_token_id
+        found = int(mask.sum())
+        rows = 0 if features is None else features.shape[0] * features.shape[1]
+        if found != rows:
+            raise FcotError(f"input_ids hold {found} image tokens but the images give {rows} visual features")
+        if features is None:
+            return embeds
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states ``(B, L, H)`` of the LLM (before the head)."""
+        return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True).last_hidden_state
+
+
+def shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token alignment: the state at ``i`` predicts ``labels[i + 1]``."""
+    return hidden[:, :-1], labels[:, 1:]
+
+
+def head_weights(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias in the hidden states' dtype (a differentiable cast)."""
+    w = head.weight.to(dtype)
+    b = head.bias.to(dtype) if getattr(head, "bias", None) is not None else None
+    return w, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: RunConfig, model: nn.Module, tokenizer: Any, image_processor: Any, *, tokens_per_tile: int,
+                  skip_log_dir: str | None = None) -> ConversationDataset:
+    family = cfg.data.family if cfg.data.family != "auto" else model.config.model_type
+    if family != model.config.model_type:
+        raise ConfigError(f"data.family={cfg.data.family!r} but the model is {model.config.model_type!r}: set data.family=auto")
+    if family == "internvl":
+        tiler = make_tiler("internvl", image_processor)
+    else:
+        vision = model.config.vision_config
+        tiler = make_tiler("internvl_chat", tile_size=int(getattr(model.config, "force_image_size", None) or vision.image_size))
+    return ConversationDataset(cfg.data.jsonl, tokenizer, tiler, image_root=cfg.data.image_root, max_tiles=cfg.data.max_tiles,
+                               tokens_per_tile=tokens_per_tile, max_length=cfg.data.max_length, template=cfg.data.template,
+                               system_message=cfg.data.system_message, skip_log_dir=skip_log_dir)
+
+
+def visual_tokens_per_tile(model: nn.Module) -> tuple[int, int]:
+    """``(uncompressed, compressed)`` visual tokens per tile of a patched model."""
+    section = model.config.fcot
+    if model.config.model_type == "internvl":
+        base = int(section["base"]["image_seq_length"])
+    else:
+        cfg = model.config
+        side = int(getattr(cfg, "force_image_size", None) or cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
+        base = int(side * side * float(cfg.downsample_ratio) ** 2)
+    return base, int(section["tokens_per_tile"])
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token: give it a pad_token")
+    return int(pad)
+
+
+class ResizeImageTokens:
+    """Rewrites a sequence laid out with ``tokens_in`` visual tokens per tile to ``tokens_out``
+    (each run of ``image_token_id`` of length ``k * tokens_in`` becomes ``k * tokens_out``):
+    the teacher's sequence to the student's, with the same text and labels."""
+
+    def __init__(self, image_token_id: int, tokens_in: int, tokens_out: int) -> None:
+        self.image_token_id, self.tokens_in, self.tokens_out = image_token_id, tokens_in, tokens_out
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        is_img = input_ids == self.image_token_id
+        keep = torch.ones_like(is_img)
+        idx = is_img.nonzero().flatten().tolist()
+        start = 0
+        while start < len(idx):  # each run of consecutive image tokens
+            end = start
+            while end + 1 < len(idx) and idx[end + 1] == idx[end] + 1:
+                end += 1
+            length = end - start + 1
+            if length % self.tokens_in:
+                raise FcotError(f"a run of {length} image tokens is not a multiple of {self.tokens_in} per tile")
+            drop = length // self.tokens_in * (self.tokens_in - self.tokens_out)
+            keep[idx[end] - drop + 1: idx[end] + 1] = False
+            start = end + 1
+        return input_ids[keep], labels[keep]
+
+
+class DistillCollator:
+    """Batches teacher sequences (``input_ids``/``attention_mask``/``labels``, ``tokens_in``
+    visual tokens per tile) and the student's (``student_*``, ``tokens_out`` per tile), with
+    ``pixel_values`` once."""
+
+    def __init__(self, pad_token_id: int, resize: ResizeImageTokens) -> None:
+        self.collate, self.resize = ConversationCollator(pad_token_id), resize
+
+    def __call__(self, features):
+        teacher = self.collate(features)
+        student_features = []
+        for f in features:
+            ids, labels = self.resize(f["input_ids"], f["labels"])
+            student_features.append({**f, "input_ids": ids, "labels": labels})
+        student = self.collate(student_features)
+        for key in ("input_ids", "attention_mask", "labels"):
+            teacher[f"student_{key}"] = student[key]
+        return teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: metrics, atomic checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _trainer_base():
+    from transformers import Trainer, TrainerCallback
+
+    return Trainer, TrainerCallback
+
+
+def metrics_callback_class():
+    _, TrainerCallback = _trainer_base()
+
+    class MetricsCallback(TrainerCallback):
+        """Appends every log (loss, learning rate, grad norm, ...) to ``output_dir/metrics.jsonl``
+        as one JSON line with ``step``, ``epoch`` and ``time``, flushed and fsynced. On resume, lines
+        past the checkpoint's step (written before the interruption) are dropped first, so the file
+        is the run's one sequence."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            path = Path(args.output_dir) / METRICS_FILE
+            if state.is_world_process_zero and path.exists():
+                lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= state.global_step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+                os.replace(tmp, path)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            entry = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with open(Path(args.output_dir) / METRICS_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    return MetricsCallback
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lines of a run's ``metrics.jsonl``."""
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+class TrainModule(nn.Module):
+    """What ``Trainer`` trains: the patched model (``.model``) plus, for stage 1, the frozen
+    teacher projector. Its forward returns the paired answer-token rows; the loss through the
+    LM head is computed by the trainer's ``compute_loss``."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.parts = ModelParts(model, tokenizer)
+
+    @property
+    def config(self):  # Trainer reads model.config in a few places
+        return self.model.config
+
+    def gradient_checkpointing(self) -> None:
+        decoder = self.parts.decoder
+        if not getattr(decoder, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: the LLM {type(decoder).__name__} does not support it; turn it off")
+        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The LLM's parameters are frozen in stage 1: its input must carry the graph, which it
+        # does (the visual features require grad), so no enable_input_require_grads is needed.
+
+
+class FcotTrainer(_trainer_base()[0]):
+    """``Trainer`` with fcot's run folder: the compressed model saved with ``save_pretrained``
+    (loadable by :func:`fcot.load_compressed`), checkpoints written atomically (staged then
+    renamed), resume reloading the model through :func:`fcot.load_compressed`."""
+
+    fcot_cfg: RunConfig
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # transformers 4.x: a Trainer method
+            rotate_checkpoints = None
+        run_dir = self.args.output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING)
+        self._fcot_staging = True
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation runs after the rename
+        try:
+            if self.args.should_save and os.path.isdir(os.path.join(staging, name)):
+                shutil.rmtree(os.path.join(staging, name))  # left by a killed run
+            self.accelerator.wait_for_everyone()
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._fcot_staging = False
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            try:
+                os.rmdir(staging)  # only when empty
+            except OSError:
+                pass
+            if limit:
+                if rotate_checkpoints is not None:
+                    rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+                else:
+                    self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, STAGING) if getattr(self, "_fcot_staging", False) else out
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        module = self.accelerator.unwrap_model(self.model)
+        module.save_compressed(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        image_processor = getattr(self, "fcot_image_processor", None)
+        if image_processor is not None:
+            image_processor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        module.load_compressed(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        raise ConfigError("training.load_best_model_at_end is not supported by fcot's trainers; pick a checkpoint by its metrics")
+
+
+def save_compressed_model(model: nn.Module, output_dir: str) -> None:
+    model.save_pretrained(output_dir, safe_serialization=True)
+
+
+def load_weights_into(model: nn.Module, checkpoint: str, cfg: RunConfig) -> None:
+    """Copy a checkpoint written by :class:`FcotTrainer` into ``model`` (same structure): it is
+    rebuilt by :func:`fcot.load_compressed` (which maps the saved key names) and its state dict
+    copied over, every key checked."""
+    from fcot import load_compressed
+
+    kwargs: dict[str, Any] = {"dtype": next(model.parameters()).dtype}
+    if model.config.model_type == "internvl_chat":
+        kwargs["trust_remote_code"] = cfg.common.trust_remote_code
+    fresh = load_compressed(checkpoint, fused=cfg.common.fused, backend=_kernel_backend(cfg), **kwargs)
+    missing, unexpected = model.load_state_dict(fresh.state_dict(), strict=False)
+    if missing or unexpected:
+        raise FcotError(f"checkpoint {checkpoint} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    del fresh
+
+
+def prepare_run(cfg: RunConfig, *, resume: bool) -> None:
+    """Check the output folder (before any model loads), clear it on ``--overwrite``, save the config."""
+    from accelerate import PartialState
+
+    check_output_dir(cfg, resume=resume)
+    state = PartialState()
+    out = Path(cfg.common.output_dir)
+    if state.is_main_process:
+        if cfg.common.overwrite and out.exists():
+            shutil.rmtree(out)
+        save_config(cfg, out)
+    state.wait_for_everyone()
+
+
+def last_checkpoint(output_dir: str) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if ckpt is None:
+        raise ConfigError(f"--resume: common.output_dir={output_dir!r} holds no checkpoint-N folder to resume from")
+    return ckpt
+
+
+def training_arguments(cfg: RunConfig, **defaults: Any):
+    """TrainingArguments from the config, with fcot's defaults for what the user did not set:
+    bf16 autocast on a GPU that has it, no external loggers, tqdm bars, the collated extra
+    columns kept."""
+    extra: dict[str, Any] = {"remove_unused_columns": False}
+    if "report_to" not in cfg.training:
+        extra["report_to"] = []
+    if "bf16" not in cfg.training and "fp16" not in cfg.training and torch.cuda.is_available() \
+            and torch.cuda.is_bf16_supported():
+        extra["bf16"] = True
+    if "save_safetensors" in cfg.training and not cfg.training["save_safetensors"]:
+        raise ConfigError("training.save_safetensors=false: fcot checkpoints are safetensors (load_compressed reads them)")
+    for key, value in defaults.items():
+        if key not in cfg.training:
+            extra[key] = value
+    return cfg.training_arguments(**extra)
+
+
+def log_data_summary(dataset: ConversationDataset) -> dict[str, Any]:
+    summary = dataset.summary()
+    if summary.skipped:
+        logger.warning("data: %s", summary)
+    else:
+        logger.info("data: %s", summary)
+    return summary.as_dict()
+
+
+__all__ = ["DistillCollator", "FcotTrainer", "ModelParts", "ResizeImageTokens", "TrainModule", "build_dataset",
+           "compress", "load_base", "loss_backend", "prepare_run", "read_metrics", "training_arguments"]

@@ -1,0 +1,204 @@
+"""fcot distill / fcot posttrain on the tiny InternVL (both families): loss goes down, stage 1
+touches only V_c and A_s, resume reproduces the loss sequence, fused == reference, bad input
+fails before training, the saved model loads with fcot.load_compressed, torchrun (2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import fcot  # noqa: E402
+from fcot.data.synth import SynthConfig, synthesize  # noqa: E402
+from fcot.train.config import ConfigError, build_config  # noqa: E402
+from fcot.train.distill import build_distill_trainer, distill_loss, run_distill  # noqa: E402
+from fcot.train.engine import read_metrics  # noqa: E402
+from fcot.train.posttrain import run_posttrain  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("synth") / "d"
+    synthesize(out, SynthConfig(n=4, seed=0, width=448, height=448, font_size=24, density=0.3, qa_per_image=1),
+               progress=False)
+    return str(out / "data.jsonl")
+
+
+def _cfg(stage, data, out, *, training=None, section=None, **common):
+    training = {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 5e-3, "use_cpu": True,
+                "disable_tqdm": True, "save_strategy": "no", "lr_scheduler_type": "constant", **(training or {})}
+    return build_config(stage, {"common": {"model": "tiny", "output_dir": str(out), **common},
+                                "data": {"jsonl": [data], "max_tiles": 1}, stage: section or {}, "training": training})
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_distill_lowers_the_loss_and_trains_only_vc_and_as(data, tmp_path):
+    cfg = _cfg("distill", data, tmp_path / "run", training={"max_steps": 6, "per_device_train_batch_size": 4})
+    trainer = build_distill_trainer(cfg)
+    module = trainer.model
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8, losses
+    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    proj = module.parts.projector_attr
+    assert changed and all(f"{proj}." in n for n in changed), changed
+    assert any(".compressor." in n for n in changed) and any("linear_1" in n for n in changed)
+    # ViT and LLM (and the teacher projector) bit-identical
+    for n, p in module.model.named_parameters():
+        if f"{proj}." not in n:
+            assert torch.equal(p, before[n]), n
+    assert not any(p.requires_grad for p in module.teacher_projector.parameters())
+
+
+def test_posttrain_lowers_the_loss_and_loads_with_load_compressed(data, tmp_path):
+    cfg = _cfg("posttrain", data, tmp_path / "pt", training={"max_steps": 5, "per_device_train_batch_size": 4})
+    trainer = run_posttrain(cfg)
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0], losses
+    vit = trainer.model.parts.vision
+    assert not any(p.requires_grad for p in vit.parameters())
+    loaded = fcot.load_compressed(tmp_path / "pt")
+    for (n, a), (_, b) in zip(trainer.model.model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert read_metrics(tmp_path / "pt")[0]["step"] == 1
+
+
+def test_resume_reproduces_the_loss_sequence(data, tmp_path):
+    training = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2}
+    full = run_distill(_cfg("distill", data, tmp_path / "full", training=training))
+    ref = _losses(full)
+    # "Kill" after step 2: a run that stops at 2 steps with the same schedule (max_steps stays 4).
+
+    class Stop(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    cfg = _cfg("distill", data, tmp_path / "part", training=training)
+    from fcot.train.engine import prepare_run
+
+    prepare_run(cfg, resume=False)
+    part = build_distill_trainer(cfg, callbacks=[Stop()])
+    part.train()
+    assert os.path.isdir(tmp_path / "part" / "checkpoint-2") and not os.path.exists(tmp_path / "part" / ".staging")
+    # a half-written staging folder from the kill is ignored
+    (tmp_path / "part" / ".staging" / "checkpoint-3").mkdir(parents=True)
+    resumed = run_distill(cfg, resume=True)
+    steps = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "part") if "loss" in m]
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([l for _, l in steps]), torch.tensor(ref), rtol=1e-5, atol=1e-7)
+    assert resumed.state.global_step == 4
+
+
+def test_fused_and_reference_losses_agree(data, tmp_path):
+    cfgs = [_cfg("distill", data, tmp_path / f"r{f}", fused=f, section={"ce_weight": 0.5, "temperature": 2.0})
+            for f in (True, False)]
+    trainers = [build_distill_trainer(c) for c in cfgs]
+    batch = trainers[0].data_collator([trainers[0].train_dataset[i] for i in range(2)])
+    losses = []
+    for tr, c in zip(trainers, cfgs):
+        with torch.no_grad():
+            out = tr.model(**batch)
+            losses.append(distill_loss(out, tr.model.parts.head, c))
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_divergence_options_train(data, tmp_path, divergence):
+    trainer = build_distill_trainer(_cfg("distill", data, tmp_path / "d", training={"max_steps": 2},
+                                         section={"divergence": divergence}))
+    trainer.train()
+    assert all(l > 0 for l in _losses(trainer))
+
+
+def test_remote_code_family_trains_one_distill_step(data, tmp_path):
+    from fcot.models.tiny import tiny_image_processor, tiny_tokenizer
+    from tests.fcot.tiny_internvl_chat import TinyInternVLChatConfig, tiny_chat_model
+
+    tok = tiny_tokenizer()
+    config = TinyInternVLChatConfig(
+        vision_config=dict(image_size=64, patch_size=8),
+        llm_config=dict(hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=False),
+        architectures=["TinyInternVLChatModel"])
+    model = tiny_chat_model(config)
+    trainer = build_distill_trainer(_cfg("distill", data, tmp_path / "chat", training={"max_steps": 1}), model=model,
+                                    tokenizer=tok, image_processor=tiny_image_processor())
+    before = model.vision_model.embeddings.patch_embedding.weight.clone()
+    merge_before = model.mlp1.compressor.merge_weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 1 and _losses(trainer)[0] > 0
+    assert torch.equal(before, model.vision_model.embeddings.patch_embedding.weight)
+    assert trainer.model.parts.projector_attr == "mlp1" and not torch.equal(merge_before, model.mlp1.compressor.merge_weight)
+
+
+def test_bad_input_fails_before_training(data, tmp_path):
+    with pytest.raises(ConfigError, match="data.jsonl"):
+        _cfg("distill", str(tmp_path / "missing.jsonl"), tmp_path / "o")
+    with pytest.raises(ConfigError, match="common.compressor"):
+        _cfg("distill", data, tmp_path / "o", compressor="bogus")
+    with pytest.raises(ConfigError, match="common.ratio"):  # conv cannot take 0.3
+        build_distill_trainer(_cfg("distill", data, tmp_path / "o", ratio=0.3))
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "weights.bin").write_text("someone else's run")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_distill(_cfg("distill", data, out))
+    with pytest.raises(ConfigError, match="not an fcot run"):
+        run_distill(_cfg("distill", data, out), resume=True)
+    assert (out / "weights.bin").read_text() == "someone else's run"
+
+
+def test_cli_distill_then_merge_loads(data, tmp_path):
+    from fcot.cli import main
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        assert main(["distill", "--model", "tiny", "--output-dir", str(out), "--seed", str(seed), "--compressor", "avg",
+                     "--no-fused", "--set", f"data.jsonl={data}", "--set", "data.max_tiles=1",
+                     *[f"--set=training.{kv}" for kv in ("max_steps=1", "use_cpu=true", "disable_tqdm=true",
+                                                         "per_device_train_batch_size=2")]]) == 0
+        runs.append(str(out))
+    assert json.loads((tmp_path / "s0" / "config.json").read_text())["fcot"]["compressor"] == "avg"
+    assert main(["merge", str(tmp_path / "m"), *runs]) == 0
+    merged = fcot.load_compressed(tmp_path / "m")
+    assert fcot.is_patched(merged)
+
+
+def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from fcot.train.config import build_config\nfrom fcot.train.distill import run_distill\n"
+        f"cfg = build_config('distill', {{'common': {{'model': 'tiny', 'output_dir': {str(out)!r}}},"
+        f" 'data': {{'jsonl': [{data!r}], 'max_tiles': 1}},"
+        " 'training': {'max_steps': 2, 'per_device_train_batch_size': 1, 'learning_rate': 1e-2, 'use_cpu': True,"
+        " 'disable_tqdm': True, 'ddp_backend': 'gloo', 'save_strategy': 'no'}})\n"
+        "tr = run_distill(cfg)\n"
+        "flat = torch.cat([p.detach().flatten() for p in tr.model.parameters() if p.requires_grad])\n"
+        "gathered = [torch.empty_like(flat) for _ in range(2)]\n"
+        "dist.all_gather(gathered, flat)\n"
+        "assert torch.equal(gathered[0], gathered[1]), 'ranks differ'\n"
+        "print('RANKS-EQUAL', dist.get_rank(), tr.state.global_step)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                           str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("RANKS-EQUAL") == 2 and "RANKS-EQUAL 0 2" in proc.stdout
+    assert fcot.is_patched(fcot.load_compressed(out))
