@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["user", "assistant", "system", "what", "is", "in", "row", "column"] + [str(d) for d in range(10)]
+WORDS = ["user", "assistant", "system", "what", "is", "the", "number"] + [str(d) for d in range(10)]
 VOCAB = SPECIALS + WORDS
 GRID = 4          # digits per side of the page
 CELL = 16         # pixels per cell; the page is GRID * CELL = 64 px, one tile
@@ -70,43 +70,39 @@ def build_config():
     )
 
 
-def _glyphs(cell: int) -> dict[str, Any]:
+def _glyphs(width: int, height: int) -> dict[str, Any]:
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.load_default(size=int(cell * 0.85))
+    font = ImageFont.load_default(size=int(min(width * 1.4, height) * 0.85))
     out = {}
     for d in "0123456789":
-        im = Image.new("L", (cell, cell), 255)
+        im = Image.new("L", (width, height), 255)
         left, top, right, bottom = font.getbbox(d)
-        ImageDraw.Draw(im).text(((cell - right - left) // 2, (cell - bottom - top) // 2), d, font=font, fill=0)
+        ImageDraw.Draw(im).text(((width - right - left) // 2, (height - bottom - top) // 2), d, font=font, fill=0)
         out[d] = im
     return out
 
 
-def make_task(out: str | os.PathLike, n: int, *, seed: int, grid: int = GRID, questions: int = 4) -> Path:
-    """Write ``n`` pages to ``out/images`` and their records (fcot.data.records format, one
-    question per human turn) to ``out/data.jsonl``; returns the JSONL path."""
+def make_task(out: str | os.PathLike, n: int, *, seed: int, rows: int = 1, cols: int = 4) -> Path:
+    """Write ``n`` pages of ``rows x cols`` printed digits to ``out/images`` and their records
+    (fcot.data.records format; the question "what is the number", the answer the digits in
+    reading order, space-separated) to ``out/data.jsonl``; returns the JSONL path."""
     from PIL import Image
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    cell = GRID * CELL // grid
-    glyphs = _glyphs(cell)
+    size = GRID * CELL
+    glyphs = _glyphs(size // cols, size // rows)
     rng = random.Random(f"fcot-demo/{seed}")
     with open(out / "data.jsonl", "w", encoding="utf-8") as fh:
         for i in range(n):
-            digits = [[rng.choice("0123456789") for _ in range(grid)] for _ in range(grid)]
-            page = Image.new("L", (GRID * CELL, GRID * CELL), 255)
-            for r in range(grid):
-                for c in range(grid):
-                    page.paste(glyphs[digits[r][c]], (c * cell, r * cell))
+            digits = [rng.choice("0123456789") for _ in range(rows * cols)]
+            page = Image.new("L", (size, size), 255)
+            for k, d in enumerate(digits):
+                page.paste(glyphs[d], ((k % cols) * (size // cols), (k // cols) * (size // rows)))
             name = f"images/{i:05d}.png"
             page.save(out / name)
-            cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], min(questions, grid * grid))
-            conv = []
-            for k, (r, c) in enumerate(cells):
-                conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + f"what is in row {r + 1} column {c + 1}"})
-                conv.append({"from": "gpt", "value": digits[r][c]})
+            conv = [{"from": "human", "value": "<image>\nwhat is the number"}, {"from": "gpt", "value": " ".join(digits)}]
             fh.write(json.dumps({"id": f"demo-{seed}-{i:05d}", "image": name, "conversations": conv}) + "\n")
     return out / "data.jsonl"
 
@@ -123,33 +119,161 @@ class _DropNumTiles:
         return batch
 
 
-def train_teacher(model, tokenizer, tiler, jsonl: Path, out: Path, *, steps: int, batch_size: int, lr: float,
-                  seed: int, progress: bool) -> Path:
-    """Supervised training of the whole tiny model with HF Trainer; logs to ``out/metrics.jsonl``."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one demo run (``--quick`` shrinks every stage to a few steps)."""
+
+    train_pages: int = 2000
+    test_pages: int = 100
+    teacher_steps: int = 600
+    teacher_lr: float = 3e-3
+    distill_steps: int = 150
+    posttrain_steps: int = 100
+    stage_lr: float = 1e-3
+    batch_size: int = 16
+
+
+QUICK = Plan(train_pages=16, test_pages=6, teacher_steps=3, distill_steps=2, posttrain_steps=2, batch_size=4)
+
+
+def save_bundle(model, tokenizer, image_processor, out: Path) -> Path:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out
+
+
+def train_teacher(model, tokenizer, tiler, jsonl: Path, out: Path, plan: Plan, *, seed: int, progress: bool) -> None:
+    """Supervised training of the whole tiny model with HF Trainer; logs to ``out/metrics.jsonl``
+    (the trainers' format, :func:`fcot.train.engine.metrics_callback_class`)."""
+    from transformers import Trainer, TrainingArguments
 
     from fcot.data.records import ConversationCollator, ConversationDataset
+    from fcot.train.engine import metrics_callback_class
 
+    out.mkdir(parents=True, exist_ok=True)
     # Decoded and tiled once: the image processor costs more than the tiny model's step.
     data = ConversationDataset(jsonl, tokenizer, tiler, max_tiles=1, tokens_per_tile=model.config.image_seq_length)
     data = [data[i] for i in range(len(data))]
-    log = out / "metrics.jsonl"
-
-    class _Log(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                with open(log, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"stage": "teacher", "step": state.global_step, "loss": logs["loss"],
-                                         "learning_rate": logs.get("learning_rate")}) + "\n")
-
+    steps = plan.teacher_steps
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 50),
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=plan.batch_size, learning_rate=plan.teacher_lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 60),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, use_cpu=True,
         disable_tqdm=not progress, remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      data_collator=_DropNumTiles(ConversationCollator(tokenizer.pad_token_id)), callbacks=[_Log()])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[metrics_callback_class()()],
+                      data_collator=_DropNumTiles(ConversationCollator(tokenizer.pad_token_id)))
     trainer.train()
     model.eval()
-    return log
+
+
+def _stage(stage: str, teacher: Path, out: Path, jsonl: Path, ratio: float, steps: int, plan: Plan, seed: int,
+           progress: bool, extra: dict | None = None):
+    from fcot.train.config import build_config
+
+    raw = {"common": {"model": str(teacher), "compressor": "conv", "ratio": ratio, "output_dir": str(out), "seed": seed,
+                      "overwrite": True},
+           "data": {"jsonl": [str(jsonl)], "max_tiles": 1},
+           "training": {"max_steps": steps, "per_device_train_batch_size": plan.batch_size, "learning_rate": plan.stage_lr,
+                        "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20), "logging_steps": max(1, steps // 40),
+                        "save_strategy": "no", "use_cpu": True, "disable_tqdm": not progress},
+           **(extra or {})}
+    cfg = build_config(stage, raw)
+    if stage == "distill":
+        from fcot.train.distill import run_distill
+
+        run_distill(cfg)
+    else:
+        from fcot.train.posttrain import run_posttrain
+
+        run_posttrain(cfg)
+    return out
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed: int = 0, overwrite: bool = False,
+             progress: bool = True) -> int:
+    """Run the whole demo into ``out``; prints the table and the report's path. Returns 0."""
+    import transformers
+
+    from fcot.data.tiling import HFTiler, internvl_image_processor
+    from fcot.eval.run import evaluate_model, format_table, load_eval_set, load_model, write_results
+    from fcot.report import write_report
+    from fcot.train.merge import merge_checkpoints
+
+    import fcot
+
+    plan = QUICK if quick else Plan()
+    run = Path(out)
+    if run.exists():
+        if not overwrite:
+            raise FileExistsError(f"out={str(run)!r} already exists: pass --overwrite to replace it")
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    t0 = time.perf_counter()
+    transformers.set_seed(seed)
+    transformers.logging.set_verbosity_error()
+    steps_total = 6
+    say = (lambda k, msg: print(f"[{k}/{steps_total}] {msg}", flush=True))
+
+    say(1, f"task: {plan.train_pages} training pages, {plan.test_pages} held-out ({run / 'data'})")
+    train = make_task(run / "data" / "train", plan.train_pages, seed=seed)
+    test = make_task(run / "data" / "test", plan.test_pages, seed=seed + 1_000_000)
+    questions = load_eval_set(test)
+
+    say(2, f"teacher: tiny InternVL trained as a whole for {plan.teacher_steps} steps")
+    tokenizer, image_processor = build_tokenizer(), internvl_image_processor(GRID * CELL, max_tiles=1)
+    tiler = HFTiler(image_processor)
+    model = transformers.InternVLForConditionalGeneration(build_config())
+    train_teacher(model, tokenizer, tiler, train, run / "teacher", plan, seed=seed, progress=progress)
+    teacher_dir = save_bundle(model, tokenizer, image_processor, run / "teacher")
+
+    kw = dict(max_tiles=1, max_new_tokens=2 * 4 + 2, batch_size=32, progress=progress)
+    results = [evaluate_model(model, tokenizer, tiler, questions, name="teacher", role="teacher", path=str(teacher_dir), **kw)]
+    print(f"    teacher exact match on held-out pages: {100 * results[0].metrics['exact_match']:.1f}%", flush=True)
+
+    say(3, "training-free compression of the teacher: avg, tome, prune at ratio 0.5 and 0.75")
+    for comp in ("avg", "tome", "prune"):
+        for ratio in (0.5, 0.75):
+            fcot.apply_fcot(model, compressor=comp, ratio=ratio)
+            try:
+                results.append(evaluate_model(model, tokenizer, tiler, questions, name=f"{comp}@{ratio:g}",
+                                              role="training-free", path=str(teacher_dir), **kw))
+            finally:
+                fcot.revert_fcot(model)
+    del model
+
+    say(4, f"stage 1: self-distillation of a conv student at 0.5 and 0.75 ({plan.distill_steps} steps each)")
+    distilled = {r: _stage("distill", teacher_dir, run / f"distill-{r:g}", train, r, plan.distill_steps, plan, seed, progress)
+                 for r in (0.5, 0.75)}
+
+    say(5, f"stage 2: post-training ({plan.posttrain_steps} steps; two runs at 0.5, merged) ")
+    post = {}
+    for name, r, s in (("posttrain-0.5-a", 0.5, seed), ("posttrain-0.5-b", 0.5, seed + 1), ("posttrain-0.75", 0.75, seed)):
+        post[name] = _stage("posttrain", distilled[r], run / name, train, r, plan.posttrain_steps, plan, s, progress)
+    merged = merge_checkpoints(run / "merged-0.5", [post["posttrain-0.5-a"], post["posttrain-0.5-b"]], None)
+    for src in (post["posttrain-0.5-a"],):  # the merge copies the first checkpoint's config; add the tokenizer files
+        for f in src.iterdir():
+            if f.is_file() and not (Path(merged) / f.name).exists():
+                shutil.copy2(f, Path(merged) / f.name)
+
+    say(6, "evaluating the students")
+    for name, path in (("conv@0.5 distilled", distilled[0.5]), ("conv@0.75 distilled", distilled[0.75]),
+                       ("conv@0.5 posttrained", post["posttrain-0.5-a"]), ("conv@0.5 merged", Path(merged)),
+                       ("conv@0.75 posttrained", post["posttrain-0.75"])):
+        student, tok, til, role = load_model(path)
+        results.append(evaluate_model(student, tok, til, questions, name=name, role=role, path=str(path), **kw))
+        del student
+
+    wall = time.perf_counter() - t0
+    write_results(run, results, eval_set=str(test))
+    (run / "summary.json").write_text(json.dumps({
+        "demo": "quick" if quick else "full", "seed": seed, "held-out questions": len(questions),
+        "torch threads": torch.get_num_threads(), "wall time (s, before the report)": round(wall, 1),
+        "task": "read the 4 printed digits of a 64x64 page (one tile, 16 visual tokens uncompressed)",
+    }, indent=2) + "\n", encoding="utf-8")
+    report = write_report(run)
+    print()
+    print(format_table(results))
+    print(f"\nfcot demo finished in {wall / 60:.1f} min; report: {report} (plots next to it)")
+    return 0
