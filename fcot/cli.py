@@ -191,7 +191,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     from fcot.compress import COMPRESSORS
-    from fcot.eval.metrics import METRICS
 
     p = sub.add_parser("eval", help="answer a JSONL eval set with generate and score it (EM, ANLS, relaxed, VQA acc)",
                        description="Each MODEL is a transformers-native InternVL folder: a compressed one (config.fcot, "
@@ -212,7 +211,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_eval, metrics=sorted(METRICS))
+    p.set_defaults(run=_eval)
 
 
 def _add_report(sub) -> None:

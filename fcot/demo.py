@@ -123,17 +123,21 @@ class _DropNumTiles:
 class Plan:
     """Sizes of one demo run (``--quick`` shrinks every stage to a few steps)."""
 
+    cols: int = 2
+    """Digits printed side by side on a page (the answer reads them all)."""
     train_pages: int = 2000
     test_pages: int = 100
-    teacher_steps: int = 600
-    teacher_lr: float = 3e-3
+    teacher_steps: int = 1200
+    teacher_lr: float = 1e-3
     distill_steps: int = 150
     posttrain_steps: int = 100
     stage_lr: float = 1e-3
     batch_size: int = 16
+    latency_samples: int = 8
 
 
-QUICK = Plan(train_pages=16, test_pages=6, teacher_steps=3, distill_steps=2, posttrain_steps=2, batch_size=4)
+QUICK = Plan(train_pages=16, test_pages=6, teacher_steps=3, distill_steps=2, posttrain_steps=2, batch_size=4,
+             latency_samples=1)
 
 
 def save_bundle(model, tokenizer, image_processor, out: Path) -> Path:
@@ -217,8 +221,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     say = (lambda k, msg: print(f"[{k}/{steps_total}] {msg}", flush=True))
 
     say(1, f"task: {plan.train_pages} training pages, {plan.test_pages} held-out ({run / 'data'})")
-    train = make_task(run / "data" / "train", plan.train_pages, seed=seed)
-    test = make_task(run / "data" / "test", plan.test_pages, seed=seed + 1_000_000)
+    train = make_task(run / "data" / "train", plan.train_pages, seed=seed, cols=plan.cols)
+    test = make_task(run / "data" / "test", plan.test_pages, seed=seed + 1_000_000, cols=plan.cols)
     questions = load_eval_set(test)
 
     say(2, f"teacher: tiny InternVL trained as a whole for {plan.teacher_steps} steps")
@@ -228,7 +232,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     train_teacher(model, tokenizer, tiler, train, run / "teacher", plan, seed=seed, progress=progress)
     teacher_dir = save_bundle(model, tokenizer, image_processor, run / "teacher")
 
-    kw = dict(max_tiles=1, max_new_tokens=2 * 4 + 2, batch_size=32, progress=progress)
+    kw = dict(max_tiles=1, max_new_tokens=plan.cols + 2, latency_samples=plan.latency_samples, batch_size=32, progress=progress)
     results = [evaluate_model(model, tokenizer, tiler, questions, name="teacher", role="teacher", path=str(teacher_dir), **kw)]
     print(f"    teacher exact match on held-out pages: {100 * results[0].metrics['exact_match']:.1f}%", flush=True)
 
@@ -270,7 +274,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     (run / "summary.json").write_text(json.dumps({
         "demo": "quick" if quick else "full", "seed": seed, "held-out questions": len(questions),
         "torch threads": torch.get_num_threads(), "wall time (s, before the report)": round(wall, 1),
-        "task": "read the 4 printed digits of a 64x64 page (one tile, 16 visual tokens uncompressed)",
+        "task": f"read the {plan.cols} printed digits of a 64x64 page (one tile, 16 visual tokens uncompressed)",
     }, indent=2) + "\n", encoding="utf-8")
     report = write_report(run)
     print()
