@@ -12,7 +12,7 @@ from . import harness
 
 OPS = {
     op: f"bench.bench_{op}"
-    for op in ("apply_fcot", "compress_project", "fused_linear_distill", "merged_attention", "shuffle_merge_norm", "tome_merge")
+    for op in ("apply_fcot", "compress_project", "distill_step", "fused_linear_distill", "merged_attention", "shuffle_merge_norm", "tome_merge")
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

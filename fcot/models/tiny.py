@@ -93,6 +93,11 @@ def build_tiny(seed: int = 0, *, dtype: torch.dtype = torch.float32, **config_kw
                     p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
                 else:
                     p.copy_(torch.randn_like(p) * 0.05)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    for cfg in (model.config, model.config.text_config, model.generation_config):
+        for key, value in ids.items():
+            setattr(cfg, key, value)
     size = config.vision_config.image_size[0]
     return TinyBundle(model.to(dtype).eval(), tokenizer, tiny_image_processor(size))
 

@@ -28,6 +28,7 @@ import re
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -246,6 +247,9 @@ class DistillConfig(_Section):
             self._fail("divergence", f"expected one of {list(DIVERGENCES)}")
         if not 0 < self.beta < 1:
             self._fail("beta", "expected a weight in (0, 1) (JSD is 0 at both ends)")
+        if self.divergence != "jsd" and self.beta != 0.5:
+            warnings.warn(f"distill.beta={self.beta} has no effect with distill.divergence={self.divergence!r} "
+                          "(only jsd uses it)", stacklevel=4)
 
 
 @dataclass
@@ -254,7 +258,7 @@ class PosttrainConfig(_Section):
 
     SECTION = "posttrain"
     lora: bool = False
-    """Train the LLM through LoRA adapters (peft) instead of all its weights (not implemented yet: an error)."""
+    """Train the LLM through LoRA adapters (peft) instead of all its weights; saved merged into the weights."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -277,6 +281,13 @@ class PosttrainConfig(_Section):
             self._fail("lora_dropout", "expected a probability in [0, 1)")
         if not self.lora_target_modules:
             self._fail("lora_target_modules", "expected at least one module name (or all-linear)")
+        if not self.lora:
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(self) if f.name.startswith("lora_")}
+            changed = sorted(k for k, v in defaults.items() if getattr(self, k) != v)
+            if changed:
+                warnings.warn(f"posttrain.{', posttrain.'.join(changed)} have no effect with posttrain.lora=false",
+                              stacklevel=4)
 
 
 # TrainingArguments fields that fcot sets from `common`, so they have one source.

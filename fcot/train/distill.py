@@ -26,8 +26,8 @@ from fcot.distill import pair_answer_tokens
 from fcot.models.base import FcotError
 from fcot.train.config import ConfigError, RunConfig
 from fcot.train.engine import (DistillCollator, FcotTrainer, ResizeImageTokens, TrainModule, build_dataset, compress,
-                               head_weights, last_checkpoint, load_base, load_weights_into, log_data_summary,
-                               loss_backend, metrics_callback_class, pad_token_id, prepare_run, shifted,
+                               head_weights, load_base, load_weights_into, log_data_summary,
+                               loss_backend, metrics_callback_class, pad_token_id, check_run, start_run, shifted,
                                training_arguments, visual_tokens_per_tile)
 
 logger = logging.getLogger("fcot.train")
@@ -73,8 +73,8 @@ class DistillModule(TrainModule):
         paired = pair_answer_tokens(*shifted(t_hidden, labels), *shifted(s_hidden, student_labels))
         return {"student_hidden": paired.student_hidden, "teacher_hidden": paired.teacher_hidden, "labels": paired.labels}
 
-    def save_compressed(self, output_dir: str) -> None:
-        self.model.save_pretrained(output_dir, safe_serialization=True)
+    def save_compressed(self, output_dir: str, state_dict: dict | None = None) -> None:
+        self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
 
     def load_compressed(self, checkpoint: str) -> None:
         load_weights_into(self.model, checkpoint, self.cfg)
@@ -100,11 +100,14 @@ def distill_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) 
     d = cfg.distill
     s, t = out["student_hidden"], out["teacher_hidden"]
     w, b = head_weights(head, s.dtype)
-    return fk.fused_linear_distill(
-        s, t.to(s.dtype), w, b, labels=out["labels"], temperature=d.temperature, kl_weight=d.kl_weight,
-        ce_weight=d.ce_weight, divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
-        backend=loss_backend(cfg),
-    )
+    # Outside autocast: both backends then compute in the hidden states' dtype (the reference's
+    # F.linear would otherwise run in the autocast dtype while the fused op does not).
+    with torch.autocast(s.device.type, enabled=False):
+        return fk.fused_linear_distill(
+            s, t.to(s.dtype), w, b, labels=out["labels"], temperature=d.temperature, kl_weight=d.kl_weight,
+            ce_weight=d.ce_weight, divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
+            backend=loss_backend(cfg),
+        )
 
 
 class DistillTrainer(FcotTrainer):
@@ -148,9 +151,9 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) ->
     """Stage 1 end to end: check the output folder, train, save the compressed model to
     ``common.output_dir`` (loadable by :func:`fcot.load_compressed`). ``resume`` continues from
     the folder's last checkpoint."""
-    prepare_run(cfg, resume=resume)
+    checkpoint = check_run(cfg, resume=resume)
     trainer = build_distill_trainer(cfg, **build_kwargs)
-    checkpoint = last_checkpoint(cfg.common.output_dir) if resume else None
+    start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.common.output_dir)
     trainer.fcot_data_summary = log_data_summary(trainer.train_dataset)

@@ -183,7 +183,13 @@ class ModelParts:
         return teacher_projector(x.reshape(t, -1, x.shape[-1]))
 
     def student_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.student_projector(tokens)
+        """The fcot projector, outside autocast in its weights' dtype: its fused ops take one
+        dtype for inputs and weights (under bf16 autocast the ViT tokens are bf16 while the
+        trainable weights are fp32 master copies)."""
+        projector = self.student_projector
+        dtype = projector.linear_1.weight.dtype
+        with torch.autocast(tokens.device.type, enabled=False):
+            return projector(tokens.to(dtype))
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         embeds = self.embeddings(input_ids)
@@ -423,7 +429,9 @@ class FcotTrainer(_trainer_base()[0]):
             return
         os.makedirs(output_dir, exist_ok=True)
         module = self.accelerator.unwrap_model(self.model)
-        module.save_compressed(output_dir)
+        if state_dict is not None:  # FSDP / DeepSpeed: the gathered full state dict of the TrainModule
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        module.save_compressed(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         image_processor = getattr(self, "fcot_image_processor", None)
@@ -459,11 +467,18 @@ def load_weights_into(model: nn.Module, checkpoint: str, cfg: RunConfig) -> None
     del fresh
 
 
-def prepare_run(cfg: RunConfig, *, resume: bool) -> None:
-    """Check the output folder (before any model loads), clear it on ``--overwrite``, save the config."""
+def check_run(cfg: RunConfig, *, resume: bool) -> str | None:
+    """Before anything loads or is written: refuse an output folder that holds another run
+    (unless ``--overwrite``), and for ``resume`` find its last complete checkpoint (returned)."""
+    check_output_dir(cfg, resume=resume)
+    return last_checkpoint(cfg.common.output_dir) if resume else None
+
+
+def start_run(cfg: RunConfig) -> None:
+    """Once the model and the data are ready: clear the output folder on ``--overwrite`` and save
+    the config there (main process), so a run that fails to start leaves nothing behind."""
     from accelerate import PartialState
 
-    check_output_dir(cfg, resume=resume)
     state = PartialState()
     out = Path(cfg.common.output_dir)
     if state.is_main_process:
@@ -510,4 +525,4 @@ def log_data_summary(dataset: ConversationDataset) -> dict[str, Any]:
 
 
 __all__ = ["DistillCollator", "FcotTrainer", "ModelParts", "ResizeImageTokens", "TrainModule", "build_dataset",
-           "compress", "load_base", "loss_backend", "prepare_run", "read_metrics", "training_arguments"]
+           "check_run", "compress", "load_base", "loss_backend", "start_run", "read_metrics", "training_arguments"]

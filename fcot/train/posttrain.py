@@ -3,7 +3,10 @@ the answer tokens.
 
 :class:`PosttrainModule` holds the model patched by :func:`fcot.apply_fcot` (or loaded by
 :func:`fcot.load_compressed` from a stage-1 output); the compressor, the projector and the LLM
-(its head included) learn, the ViT stays frozen unless ``posttrain.train_vision``. The loss is
+(its head included) learn, the ViT stays frozen unless ``posttrain.train_vision``. With
+``posttrain.lora`` the LLM's weights (head included) freeze and LoRA adapters (peft) on its
+linear layers learn; checkpoints hold the model with the adapters merged (it loads with
+:func:`fcot.load_compressed`) and the adapters on their own (for resume). The loss is
 the cross-entropy on the answer tokens, computed through the LM head: with ``common.fused`` by
 :func:`fcot_kernels.fused_linear_distill` with ``kl_weight=0, ce_weight=1`` (chunked, the
 ``(N, V)`` logits never exist; the op has no CE-only mode, so its teacher side is a width-1 zero
@@ -14,6 +17,7 @@ the full logits (the reference).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -23,11 +27,14 @@ from torch import nn
 import fcot_kernels as fk
 from fcot.data.records import IGNORE_INDEX, ConversationCollator
 from fcot.train.config import ConfigError, RunConfig
-from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress, head_weights, last_checkpoint,
+from fcot.train.engine import (FcotTrainer, TrainModule, build_dataset, compress, head_weights,
                                load_base, load_weights_into, log_data_summary, loss_backend, metrics_callback_class,
-                               pad_token_id, prepare_run, shifted, training_arguments, visual_tokens_per_tile)
+                               pad_token_id, check_run, start_run, shifted, training_arguments, visual_tokens_per_tile)
 
 logger = logging.getLogger("fcot.train")
+
+LORA_FILE = "lora_adapters.safetensors"
+"""The LoRA adapters of a checkpoint, saved next to the merged model (read on resume)."""
 
 
 class PosttrainModule(TrainModule):
@@ -35,9 +42,6 @@ class PosttrainModule(TrainModule):
     the ViT frozen (unless ``posttrain.train_vision``), everything else trainable."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: RunConfig) -> None:
-        if cfg.posttrain.lora:
-            raise ConfigError("posttrain.lora=true: LoRA post-training is not implemented yet; train the LLM fully "
-                              "(posttrain.lora=false)")
         compress(model, tokenizer, cfg)
         super().__init__(model, tokenizer)
         self.cfg = cfg
@@ -46,8 +50,53 @@ class PosttrainModule(TrainModule):
         if not cfg.posttrain.train_vision:
             for p in self.parts.vision.parameters():
                 p.requires_grad_(False)
+        if cfg.posttrain.lora:
+            self._add_lora()
         if cfg.posttrain.gradient_checkpointing:
             self.gradient_checkpointing()
+
+    def _add_lora(self) -> None:
+        """LoRA adapters (peft) on the LLM's linear layers (``posttrain.lora_target_modules``);
+        the LLM's own weights and its head freeze, the adapters, compressor and projector learn."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        pt = self.cfg.posttrain
+        targets = pt.lora_target_modules
+        targets = "all-linear" if targets == ["all-linear"] else targets
+        for p in [*self.parts.decoder.parameters(), *self.parts.head.parameters()]:
+            p.requires_grad_(False)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the adapters' init depends on common.seed only
+                torch.manual_seed(self.cfg.common.seed)
+                inject_adapter_in_model(LoraConfig(r=pt.lora_r, lora_alpha=pt.lora_alpha, lora_dropout=pt.lora_dropout,
+                                                   target_modules=targets), self.parts.decoder)
+        except ValueError as e:
+            raise ConfigError(f"posttrain.lora_target_modules={pt.lora_target_modules!r}: {e}") from None
+        for name, p in self.parts.decoder.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with every LoRA adapter merged into its layer's weight, under
+        the names the model has without adapters (what ``save_pretrained`` and
+        :func:`fcot.load_compressed` expect)."""
+        from peft.tuners.lora import LoraLayer
+
+        deltas = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                deltas[f"{name}.base_layer.weight"] = delta
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if ".lora_" in key:
+                continue
+            if key in deltas:
+                value = (value.float() + deltas[key].float()).to(value.dtype)
+            out[key.replace(".base_layer.", ".")] = value.detach()
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items() if ".lora_" in k}
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_tiles=None):
         """Returns ``{"hidden": (N, H), "labels": (N,)}``: the supervised rows, next-token aligned."""
@@ -71,16 +120,54 @@ class PosttrainModule(TrainModule):
         feats = out.last_hidden_state if parts.layer == -1 else out.hidden_states[parts.layer]
         return feats[:, 1:] if parts.drop_cls else feats
 
-    def save_compressed(self, output_dir: str) -> None:
-        self.model.save_pretrained(output_dir, safe_serialization=True)
+    def save_compressed(self, output_dir: str, state_dict: dict | None = None) -> None:
+        """``save_pretrained`` of the compressed model; with LoRA, the adapters merged into the
+        weights (so it loads with :func:`fcot.load_compressed`) and also saved on their own in
+        ``lora_adapters.safetensors`` (what resume reads)."""
+        if not self.cfg.posttrain.lora:
+            self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            return
+        if state_dict is not None:
+            raise ConfigError("posttrain.lora=true with FSDP/DeepSpeed saving is not supported; use DDP or full training")
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(output_dir, state_dict=self.merged_state_dict(), safe_serialization=True)
+        save_file(self.adapter_state_dict(), os.path.join(output_dir, LORA_FILE))
 
     def load_compressed(self, checkpoint: str) -> None:
-        load_weights_into(self.model, checkpoint, self.cfg)
+        """Resume: the checkpoint's weights into this model. With LoRA the LLM's frozen base
+        weights stay those of the base model (the checkpoint holds them merged), the adapters
+        come from ``lora_adapters.safetensors`` and the other trainable weights from the model."""
+        if not self.cfg.posttrain.lora:
+            load_weights_into(self.model, checkpoint, self.cfg)
+            return
+        from safetensors.torch import load_file
+
+        from fcot import load_compressed
+
+        adapters = load_file(os.path.join(checkpoint, LORA_FILE))
+        fresh = load_compressed(checkpoint, fused=self.cfg.common.fused, dtype=next(self.model.parameters()).dtype,
+                                **({"trust_remote_code": True} if self.cfg.common.trust_remote_code else {}))
+        saved = fresh.state_dict()
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, p in own.items():
+                if not p.requires_grad:
+                    continue
+                src = adapters.get(name) if ".lora_" in name else saved.get(name)
+                if src is None:
+                    raise ConfigError(f"checkpoint {checkpoint} lacks {name!r}")
+                p.copy_(src)
 
 
 def sft_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> torch.Tensor:
     """Mean cross-entropy of the answer rows through the LM head (fused or reference, see the module docstring)."""
     h, labels = out["hidden"], out["labels"]
+    with torch.autocast(h.device.type, enabled=False):  # both backends in the hidden states' dtype
+        return _sft_loss(h, labels, head, cfg)
+
+
+def _sft_loss(h: torch.Tensor, labels: torch.Tensor, head: nn.Module, cfg: RunConfig) -> torch.Tensor:
     w, b = head_weights(head, h.dtype)
     backend = loss_backend(cfg)
     if backend == "reference":
@@ -128,9 +215,9 @@ def build_posttrain_trainer(cfg: RunConfig, *, model: nn.Module | None = None, t
 
 def run_posttrain(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> PosttrainTrainer:
     """Stage 2 end to end (see :func:`fcot.train.distill.run_distill`)."""
-    prepare_run(cfg, resume=resume)
+    checkpoint = check_run(cfg, resume=resume)
     trainer = build_posttrain_trainer(cfg, **build_kwargs)
-    checkpoint = last_checkpoint(cfg.common.output_dir) if resume else None
+    start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.common.output_dir)
     trainer.fcot_data_summary = log_data_summary(trainer.train_dataset)

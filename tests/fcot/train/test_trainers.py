@@ -88,9 +88,9 @@ def test_resume_reproduces_the_loss_sequence(data, tmp_path):
                 control.should_training_stop = True
 
     cfg = _cfg("distill", data, tmp_path / "part", training=training)
-    from fcot.train.engine import prepare_run
+    from fcot.train.engine import start_run
 
-    prepare_run(cfg, resume=False)
+    start_run(cfg)
     part = build_distill_trainer(cfg, callbacks=[Stop()])
     part.train()
     assert os.path.isdir(tmp_path / "part" / "checkpoint-2") and not os.path.exists(tmp_path / "part" / ".staging")
@@ -104,17 +104,37 @@ def test_resume_reproduces_the_loss_sequence(data, tmp_path):
 
 
 def test_fused_and_reference_losses_agree(data, tmp_path):
-    cfgs = [_cfg("distill", data, tmp_path / f"r{f}", fused=f, section={"ce_weight": 0.5, "temperature": 2.0})
-            for f in (True, False)]
+    """backend='triton' (the interpreter on a CPU; 'auto' would pick the reference there) against fused=False."""
+    from fcot.train.posttrain import build_posttrain_trainer, sft_loss
+
+    section = {"ce_weight": 0.5, "temperature": 2.0}
+    cfgs = [_cfg("distill", data, tmp_path / "r1", backend="triton", section=section),
+            _cfg("distill", data, tmp_path / "r0", fused=False, section=section)]
     trainers = [build_distill_trainer(c) for c in cfgs]
     batch = trainers[0].data_collator([trainers[0].train_dataset[i] for i in range(2)])
-    losses = []
+    losses, grads = [], []
     for tr, c in zip(trainers, cfgs):
-        with torch.no_grad():
-            out = tr.model(**batch)
-            losses.append(distill_loss(out, tr.model.parts.head, c))
-    assert losses[0] > 0
+        out = tr.model(**batch)
+        loss = distill_loss(out, tr.model.parts.head, c)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(tr.model.parts.student_projector.linear_1.weight.grad.clone())
+    assert losses[0] > 0 and grads[0].abs().max() > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    # stage 2: fused CE (fused_linear_distill with kl_weight=0) == PyTorch's cross_entropy
+    pcfgs = [_cfg("posttrain", data, tmp_path / "p1", backend="triton"), _cfg("posttrain", data, tmp_path / "p0", fused=False)]
+    ptrainers = [build_posttrain_trainer(c) for c in pcfgs]
+    pbatch = ptrainers[0].data_collator([ptrainers[0].train_dataset[i] for i in range(2)])
+    sft, head_grads = [], []
+    for tr, c in zip(ptrainers, pcfgs):
+        loss = sft_loss(tr.model(**pbatch), tr.model.parts.head, c)
+        loss.backward()
+        sft.append(loss.detach())
+        head_grads.append(tr.model.parts.head.weight.grad.clone())
+    assert sft[0] > 1.0
+    torch.testing.assert_close(sft[0], sft[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads[0], head_grads[1], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
@@ -161,6 +181,15 @@ def test_bad_input_fails_before_training(data, tmp_path):
     with pytest.raises(ConfigError, match="not an fcot run"):
         run_distill(_cfg("distill", data, out), resume=True)
     assert (out / "weights.bin").read_text() == "someone else's run"
+    # a data set without a usable record fails before anything is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\\nQ"}, '
+                   '{"from": "gpt", "value": "A"}]}\n')
+    from fcot.data.records import NoUsableRecordsError
+
+    with pytest.raises(NoUsableRecordsError, match="missing_image"):
+        run_distill(_cfg("distill", str(bad), tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_distill_then_merge_loads(data, tmp_path):
@@ -196,9 +225,76 @@ def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
         "dist.all_gather(gathered, flat)\n"
         "assert torch.equal(gathered[0], gathered[1]), 'ranks differ'\n"
         "print('RANKS-EQUAL', dist.get_rank(), tr.state.global_step)\n")
+    import socket
+
+    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 is not supported by every rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                           str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                           f"--master_port={port}",
+                           str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANKS-EQUAL") == 2 and "RANKS-EQUAL 0 2" in proc.stdout
     assert fcot.is_patched(fcot.load_compressed(out))
+
+
+def test_posttrain_lora_merges_into_a_loadable_model_and_resumes(data, tmp_path):
+    section = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    training = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2,
+                "learning_rate": 1e-2}
+    full = run_posttrain(_cfg("posttrain", data, tmp_path / "full", training=training, section=section))
+    module = full.model
+    assert all(("lora_" in n) == p.requires_grad for n, p in module.parts.decoder.named_parameters())
+    assert not any(p.requires_grad for p in module.parts.head.parameters())
+    # the merged, saved model computes what the adapted model computes
+    loaded = fcot.load_compressed(tmp_path / "full")
+    batch = full.data_collator([full.train_dataset[0]])
+    module.eval()
+    with torch.no_grad():
+        want = module(**batch)["hidden"]
+        from fcot.train.posttrain import PosttrainModule
+
+        plain = PosttrainModule(loaded, full.processing_class, _cfg("posttrain", data, tmp_path / "x"))
+        got = plain(**batch)["hidden"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # resume from checkpoint-2 gives the same losses
+    ckpt_run = tmp_path / "part"
+
+    class Stop(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    from fcot.train.engine import start_run
+    from fcot.train.posttrain import build_posttrain_trainer
+
+    cfg = _cfg("posttrain", data, ckpt_run, training=training, section=section)
+    start_run(cfg)
+    build_posttrain_trainer(cfg, callbacks=[Stop()]).train()
+    run_posttrain(cfg, resume=True)
+    got = [m["loss"] for m in read_metrics(ckpt_run) if "loss" in m]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(_losses(full)), rtol=1e-5, atol=1e-7)
+
+
+def test_options_that_change_nothing_warn(data, tmp_path):
+    with pytest.warns(UserWarning, match="distill.beta=0.3 has no effect"):
+        _cfg("distill", data, tmp_path / "w", section={"beta": 0.3})
+    with pytest.warns(UserWarning, match="posttrain.lora_r have no effect"):
+        _cfg("posttrain", data, tmp_path / "w", section={"lora_r": 8})
+
+
+def test_bf16_autocast_step_runs_and_fused_equals_reference(data, tmp_path):
+    """What Trainer's bf16 does on a GPU, here with CPU autocast: the fused projector runs outside
+    autocast in its fp32 weights, the loss in the hidden states' dtype on both backends."""
+    cfgs = [_cfg("distill", data, tmp_path / "a1", backend="triton"), _cfg("distill", data, tmp_path / "a0", fused=False)]
+    losses = []
+    for c in cfgs:
+        tr = build_distill_trainer(c)
+        batch = tr.data_collator([tr.train_dataset[0]])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = distill_loss(tr.model(**batch), tr.model.parts.head, c)
+        loss.backward()
+        assert tr.model.parts.student_projector.compressor.merge_weight.grad.abs().max() > 0
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
