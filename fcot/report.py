@@ -82,20 +82,30 @@ def _plot_accuracy(models, metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Training-free compressors as one line each over their ratios; trained models as labelled points.
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for m in models:
-        if m["role"] == "teacher":
-            continue
-        label = f"{m['compressor']} ({m['role']})"
-        series[label].append((m["visual_tokens_per_image"], 100 * m["metrics"][metric]))
+        if m["role"] == "training-free":
+            series[f"{m['compressor']} (training-free)"].append((m["visual_tokens_per_image"], 100 * m["metrics"][metric]))
     for label, points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", linestyle="--", alpha=0.8, label=label)
+    students = [m for m in models if m["role"] not in ("teacher", "training-free")]
+    if students:
+        ax.scatter([m["visual_tokens_per_image"] for m in students], [100 * m["metrics"][metric] for m in students],
+                   marker="*", s=120, color="tab:red", zorder=3, label="trained students")
+        seen: dict[float, int] = defaultdict(int)
+        for m in students:  # labels of points at the same token count stacked, not overprinted
+            x = m["visual_tokens_per_image"]
+            ax.annotate(m["name"], (x, 100 * m["metrics"][metric]), fontsize=6, xytext=(5, -10 * seen[x]),
+                        textcoords="offset points")
+            seen[x] += 1
     for m in models:
         if m["role"] == "teacher":
             ax.axhline(100 * m["metrics"][metric], color="black", linestyle="--", linewidth=1,
-                       label=f"teacher {m['name']} ({m['visual_tokens_per_image']:.0f} tokens)")
+                       label=f"{m['name']} ({m['visual_tokens_per_image']:.0f} tokens)")
     ax.set_xlabel("visual tokens per image")
+    ax.set_ylim(-3, 103)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title("accuracy vs visual tokens")
     ax.grid(alpha=0.3)
