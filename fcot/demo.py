@@ -84,20 +84,36 @@ def _glyphs(width: int, height: int) -> dict[str, Any]:
     return out
 
 
-def make_task(out: str | os.PathLike, n: int, *, seed: int, rows: int = 1, cols: int = 4) -> Path:
+def held_out(digits: list[str]) -> bool:
+    """Whether a digit sequence belongs to the held-out split: ``sum(w_k d_k) % 5 == 0`` with
+    weights 1, 2, 3, 4, 1, ... So a fifth of the numbers are never trained on, yet every digit
+    appears at every position in both splits (fixing the others, 2 of its 10 values are held out)."""
+    return sum((k % 4 + 1) * int(d) for k, d in enumerate(digits)) % 5 == 0
+
+
+def make_task(out: str | os.PathLike, n: int, *, seed: int, rows: int = 1, cols: int = 4, split: str = "train",
+              progress: bool = False) -> Path:
     """Write ``n`` pages of ``rows x cols`` printed digits to ``out/images`` and their records
     (fcot.data.records format; the question "what is the number", the answer the digits in
-    reading order, space-separated) to ``out/data.jsonl``; returns the JSONL path."""
+    reading order, space-separated) to ``out/data.jsonl``; returns the JSONL path. ``split``
+    "train" draws only numbers outside :func:`held_out`, "test" only held-out ones, so a test
+    page is never a training page: the model has to read each digit."""
     from PIL import Image
+    from tqdm import tqdm
 
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     size = GRID * CELL
     glyphs = _glyphs(size // cols, size // rows)
     rng = random.Random(f"fcot-demo/{seed}")
     with open(out / "data.jsonl", "w", encoding="utf-8") as fh:
-        for i in range(n):
-            digits = [rng.choice("0123456789") for _ in range(rows * cols)]
+        for i in tqdm(range(n), desc=f"pages {out.name}", unit="page", disable=not progress, leave=False):
+            while True:
+                digits = [rng.choice("0123456789") for _ in range(rows * cols)]
+                if held_out(digits) == (split == "test"):
+                    break
             page = Image.new("L", (size, size), 255)
             for k, d in enumerate(digits):
                 page.paste(glyphs[d], ((k % cols) * (size // cols), (k // cols) * (size // rows)))
@@ -221,9 +237,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     steps_total = 6
     say = (lambda k, msg: print(f"[{k}/{steps_total}] {msg}", flush=True))
 
-    say(1, f"task: {plan.train_pages} training pages, {plan.test_pages} held-out ({run / 'data'})")
-    train = make_task(run / "data" / "train", plan.train_pages, seed=seed, cols=plan.cols)
-    test = make_task(run / "data" / "test", plan.test_pages, seed=seed + 1_000_000, cols=plan.cols)
+    say(1, f"task: {plan.train_pages} training pages, {plan.test_pages} test pages of numbers never trained on "
+           f"({run / 'data'})")
+    train = make_task(run / "data" / "train", plan.train_pages, seed=seed, cols=plan.cols, progress=progress)
+    test = make_task(run / "data" / "test", plan.test_pages, seed=seed + 1_000_000, cols=plan.cols, split="test",
+                     progress=progress)
     questions = load_eval_set(test)
 
     say(2, f"teacher: tiny InternVL trained as a whole for {plan.teacher_steps} steps")

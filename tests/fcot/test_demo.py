@@ -34,3 +34,18 @@ def test_demo_quick(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # an existing run folder is not overwritten silently
         main(["demo", "--quick", "--quiet", "--out", str(out)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_task_splits_share_no_number(tmp_path):
+    from fcot.demo import held_out, make_task
+
+    numbers = {}
+    for split, n in (("train", 120), ("test", 30)):
+        jsonl = make_task(tmp_path / split, n, seed=3, cols=2, split=split)
+        numbers[split] = {json.loads(x)["conversations"][1]["value"] for x in jsonl.read_text().splitlines()}
+    assert numbers["train"] and numbers["test"] and not numbers["train"] & numbers["test"]
+    assert all(held_out(v.split()) for v in numbers["test"])
+    # every digit appears at both positions in the training split
+    assert all({v.split()[k] for v in numbers["train"]} == set("0123456789") for k in (0, 1))
+    with pytest.raises(ValueError, match="split='dev'"):
+        make_task(tmp_path / "x", 1, seed=0, split="dev")
