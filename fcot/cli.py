@@ -166,7 +166,11 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.models:
         raise ValueError("give at least one MODEL folder (or --predictions FILE)")
-    results = evaluate(args.models, args.eval_set, compressors=args.compressor or (), ratios=args.ratio, names=args.name,
+    if args.ratio is not None and not args.compressor:
+        import warnings
+
+        warnings.warn("--ratio has no effect without --compressor (it sets the training-free compression ratio)", stacklevel=1)
+    results = evaluate(args.models, args.eval_set, compressors=args.compressor or (), ratios=args.ratio or [0.5], names=args.name,
                        limit=args.limit, out=args.out, device=args.device, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet)
     print(format_table(results))
@@ -201,7 +205,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--eval-set", required=True, help="records JSONL (fcot.data.records format; answers from the gpt turns "
                    "or an 'answers' list)")
     p.add_argument("--compressor", nargs="+", choices=sorted(COMPRESSORS), help="training-free compressors for plain models")
-    p.add_argument("--ratio", nargs="+", type=float, default=[0.5], help="fractions of visual tokens removed (default 0.5)")
+    p.add_argument("--ratio", nargs="+", type=float, help="fractions of visual tokens removed, with --compressor (default 0.5)")
     p.add_argument("--name", nargs="+", help="one display name per MODEL (default: folder names)")
     p.add_argument("--predictions", help="score a JSONL of {'id', 'prediction'} instead of running models")
     p.add_argument("--out", help="folder for eval.json and predictions/")

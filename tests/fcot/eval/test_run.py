@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     model.save_pretrained(root / "teacher")
     demo.build_tokenizer().save_pretrained(root / "teacher")
     internvl_image_processor(64, max_tiles=1).save_pretrained(root / "teacher")
-    jsonl = demo.make_task(root / "data", 3, seed=1, grid=2, questions=2)
+    jsonl = demo.make_task(root / "data", 5, seed=1, cols=2)
     return root, jsonl
 
 
@@ -59,9 +59,9 @@ def test_evaluate_teacher_and_training_free(setup, tmp_path):
     assert [m["name"] for m in data["models"]] == ["teacher", "teacher+avg@0.5", "teacher+avg@0.75"]
     assert data["models"][1]["compressor"] == "avg" and data["models"][1]["ratio"] == 0.5
     rows = [json.loads(x) for x in (tmp_path / "predictions" / "teacher.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and data["models"][0]["n_questions"] == 6
+    assert len(rows) == 5 and data["models"][0]["n_questions"] == 5
     # the means are the rows' means, and the batched answers equal one-question-at-a-time answers
-    assert data["models"][0]["metrics"]["anls"] == pytest.approx(sum(r["anls"] for r in rows) / 6)
+    assert data["models"][0]["metrics"]["anls"] == pytest.approx(sum(r["anls"] for r in rows) / 5)
     single = evaluate([str(root / "teacher")], jsonl, batch_size=1, max_new_tokens=3, max_tiles=1, progress=False,
                       latency_samples=1)
     assert [r["prediction"] for r in single[0].predictions] == [r["prediction"] for r in rows]
@@ -82,3 +82,12 @@ def test_cli_eval_bad_input(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--predictions", str(tmp_path / "p.jsonl"), "--eval-set", str(jsonl)])
     assert "unknown question ids" in capsys.readouterr().err
+
+
+def test_cli_eval_ratio_without_compressor_warns(setup, capsys):
+    root, jsonl = setup
+    with pytest.warns(UserWarning, match="--ratio has no effect without --compressor"):
+        assert main(["eval", str(root / "teacher"), "--eval-set", str(jsonl), "--ratio", "0.75", "--quiet",
+                     "--max-tiles", "1", "--max-new-tokens", "3", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "tok/img" in out
