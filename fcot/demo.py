@@ -147,7 +147,9 @@ class Plan:
     teacher_steps: int = 400
     teacher_lr: float = 1e-3
     distill_steps: int = 100
-    posttrain_steps: int = 60
+    posttrain_steps: int = 120
+    distill_lr: float = 3e-3
+    """Stage 1 trains only the compressor and projector: a higher rate than the whole model's."""
     stage_lr: float = 1e-3
     batch_size: int = 16
     latency_samples: int = 8
@@ -193,10 +195,11 @@ def _stage(stage: str, teacher: Path, out: Path, jsonl: Path, ratio: float, step
            progress: bool, extra: dict | None = None):
     from fcot.train.config import build_config
 
+    lr = plan.distill_lr if stage == "distill" else plan.stage_lr
     raw = {"common": {"model": str(teacher), "compressor": "conv", "ratio": ratio, "output_dir": str(out), "seed": seed,
                       "overwrite": True},
            "data": {"jsonl": [str(jsonl)], "max_tiles": 1},
-           "training": {"max_steps": steps, "per_device_train_batch_size": plan.batch_size, "learning_rate": plan.stage_lr,
+           "training": {"max_steps": steps, "per_device_train_batch_size": plan.batch_size, "learning_rate": lr,
                         "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20), "logging_steps": max(1, steps // 40),
                         "save_strategy": "no", "use_cpu": True, "disable_tqdm": not progress},
            **(extra or {})}
@@ -275,6 +278,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     for name, r, s in (("posttrain-0.5-a", 0.5, seed), ("posttrain-0.5-b", 0.5, seed + 1), ("posttrain-0.75", 0.75, seed)):
         post[name] = _stage("posttrain", distilled[r], run / name, train, r, plan.posttrain_steps, plan, s, progress)
     merged = merge_checkpoints(run / "merged-0.5", [post["posttrain-0.5-a"], post["posttrain-0.5-b"]], None)
+    (Path(merged) / "metrics.jsonl").unlink(missing_ok=True)  # the first run's training log, copied by the merge
     for src in (post["posttrain-0.5-a"],):  # the merge copies the first checkpoint's config; add the tokenizer files
         for f in src.iterdir():
             if f.is_file() and not (Path(merged) / f.name).exists():
