@@ -146,8 +146,8 @@ class Plan:
     test_pages: int = 100
     teacher_steps: int = 400
     teacher_lr: float = 1e-3
-    distill_steps: int = 100
-    posttrain_steps: int = 120
+    distill_steps: int = 600
+    posttrain_steps: int = 300
     distill_lr: float = 3e-3
     """Stage 1 trains only the compressor and projector: a higher rate than the whole model's."""
     stage_lr: float = 1e-3
@@ -279,10 +279,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
         post[name] = _stage("posttrain", distilled[r], run / name, train, r, plan.posttrain_steps, plan, s, progress)
     merged = merge_checkpoints(run / "merged-0.5", [post["posttrain-0.5-a"], post["posttrain-0.5-b"]], None)
     (Path(merged) / "metrics.jsonl").unlink(missing_ok=True)  # the first run's training log, copied by the merge
-    for src in (post["posttrain-0.5-a"],):  # the merge copies the first checkpoint's config; add the tokenizer files
-        for f in src.iterdir():
-            if f.is_file() and not (Path(merged) / f.name).exists():
-                shutil.copy2(f, Path(merged) / f.name)
 
     say(6, "evaluating the students")
     for name, path in (("conv@0.5 distilled", distilled[0.5]), ("conv@0.75 distilled", distilled[0.75]),
