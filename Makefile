@@ -27,7 +27,7 @@ build/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: install
-	$(PYTHON) -m fcot demo
+	$(PYTHON) -m fcot demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest

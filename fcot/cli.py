@@ -1,8 +1,10 @@
 """The ``fcot`` command line: ``fcot --help``.
 
-``fcot demo`` is the main job on an embedded default (no downloads): random InternVL-shaped
-ViT tokens go through ``shuffle_merge_norm`` on every backend that can run here, each result
-is checked against the fp32 reference, and a table of backend, max error and time is printed.
+``fcot demo`` is the main job: the FCoT-VL method end to end on a tiny InternVL, offline, on
+CPU (:mod:`fcot.demo`). ``fcot eval`` answers and scores a JSONL eval set (:mod:`fcot.eval.run`);
+``fcot report RUN_DIR`` draws the plots and the markdown summary of a run (:mod:`fcot.report`).
+``fcot kernels-check``: random InternVL-shaped ViT tokens go through ``shuffle_merge_norm`` on
+every backend that can run here, each checked against the fp32 reference.
 ``fcot data synth`` writes synthetic text-rich documents with QA pairs (``fcot.data.synth``);
 ``fcot merge`` averages checkpoints (``fcot.train.merge``); ``fcot distill`` and ``fcot posttrain``
 train (``fcot.train.distill``, ``fcot.train.posttrain``).
@@ -11,12 +13,13 @@ train (``fcot.train.distill``, ``fcot.train.posttrain``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _kernels_check(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
@@ -144,6 +147,88 @@ def _add_data(sub) -> None:
     p.set_defaults(run=_synth)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from fcot.eval.run import EvalSetError, format_table, evaluate, load_eval_set, score_predictions
+
+    if args.predictions:
+        if args.models:
+            raise ValueError("give either MODEL folders or --predictions, not both")
+        preds = {}
+        with open(args.predictions, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("prediction"), str):
+                        raise EvalSetError(f"{args.predictions}:{n}: expected {{'id': str, 'prediction': str}}")
+                    preds[row["id"]] = row["prediction"]
+        means, _ = score_predictions(load_eval_set(args.eval_set)[:args.limit], preds)
+        print("  ".join(f"{k}={100 * v:.2f}%" for k, v in means.items()))
+        return 0
+    if not args.models:
+        raise ValueError("give at least one MODEL folder (or --predictions FILE)")
+    if args.ratio is not None and not args.compressor:
+        import warnings
+
+        warnings.warn("--ratio has no effect without --compressor (it sets the training-free compression ratio)", stacklevel=1)
+    results = evaluate(args.models, args.eval_set, compressors=args.compressor or (), ratios=args.ratio or [0.5], names=args.name,
+                       limit=args.limit, out=args.out, device=args.device, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet)
+    print(format_table(results))
+    if args.out:
+        print(f"wrote {args.out}/eval.json and {args.out}/predictions/")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fcot.report import write_report
+
+    path = write_report(args.run_dir, metric=args.metric)
+    print(f"report: {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fcot.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _add_eval(sub) -> None:
+    from fcot.compress import COMPRESSORS
+
+    p = sub.add_parser("eval", help="answer a JSONL eval set with generate and score it (EM, ANLS, relaxed, VQA acc)",
+                       description="Each MODEL is a transformers-native InternVL folder: a compressed one (config.fcot, "
+                                   "loaded with fcot.load_compressed) or a plain one (the teacher; with --compressor also "
+                                   "evaluated training-free at each --ratio). Prints a table; --out writes eval.json and "
+                                   "per-model predictions.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model folders")
+    p.add_argument("--eval-set", required=True, help="records JSONL (fcot.data.records format; answers from the gpt turns "
+                   "or an 'answers' list)")
+    p.add_argument("--compressor", nargs="+", choices=sorted(COMPRESSORS), help="training-free compressors for plain models")
+    p.add_argument("--ratio", nargs="+", type=float, help="fractions of visual tokens removed, with --compressor (default 0.5)")
+    p.add_argument("--name", nargs="+", help="one display name per MODEL (default: folder names)")
+    p.add_argument("--predictions", help="score a JSONL of {'id', 'prediction'} instead of running models")
+    p.add_argument("--out", help="folder for eval.json and predictions/")
+    p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-tiles", type=int, default=12)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_eval)
+
+
+def _add_report(sub) -> None:
+    from fcot.eval.metrics import METRICS
+
+    p = sub.add_parser("report", help="plots + markdown summary of a run folder, from its JSON files only",
+                       description="Reads RUN_DIR's eval.json and metrics.jsonl files; writes RUN_DIR/report/ "
+                                   "(loss.png, accuracy_vs_tokens.png, latency.png, report.md).")
+    p.add_argument("run_dir", help="a run folder (e.g. what fcot demo wrote)")
+    p.add_argument("--metric", default="exact_match", choices=sorted(METRICS), help="metric on the accuracy plot")
+    p.set_defaults(run=_report)
+
+
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="weighted average of several checkpoints (safetensors in and out)",
                        description="Averages the tensors of CKPT folders (same keys, shapes and dtypes; checked first) "
@@ -160,13 +245,24 @@ def _add_merge(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fcot", description="fcot-vl: FCoT-VL visual-token compression, kernel-accelerated")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run shuffle_merge_norm on every available backend and check it against the reference")
+    demo = sub.add_parser("demo", help="FCoT-VL end to end on a tiny InternVL (CPU, offline, minutes): teacher, "
+                          "training-free compressors, distilled students, report")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few steps of each stage (seconds; for tests/CI)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
+    kc = sub.add_parser("kernels-check", help="run shuffle_merge_norm on every available backend and check it against the reference")
+    demo = kc
     demo.add_argument("--tiles", type=int, default=2, help="448px tiles (default 2; 13 = one document image)")
     demo.add_argument("--channels", type=int, default=1024, help="ViT width C (1024 InternViT-300M, 3200 InternViT-6B)")
     demo.add_argument("--merge", type=int, default=2, choices=(1, 2, 4), help="tokens merged per output token")
     demo.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_kernels_check)
+    _add_eval(sub)
+    _add_report(sub)
     _add_data(sub)
     _add_merge(sub)
     _add_train(sub)

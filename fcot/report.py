@@ -1,0 +1,173 @@
+"""``fcot report RUN_DIR``: plots and a markdown summary from a run folder's JSON files only.
+
+Reads, under ``RUN_DIR``:
+
+- ``eval.json`` files (written by ``fcot eval`` / ``fcot demo``; the first one found at the
+  top, else all below): one entry per model with role, compressor, ratio, visual tokens per
+  image, metrics, prefill latency and peak memory;
+- ``metrics.jsonl`` files anywhere below (one per training stage; the trainers' log): lines
+  with ``step`` and ``loss`` (other keys ignored); the stage is the line's ``stage`` or the
+  file's folder name.
+
+Writes ``RUN_DIR/report/``: ``loss.png`` (loss per stage), ``accuracy_vs_tokens.png``
+(accuracy against visual tokens per image, one series per compressor, the teacher as a
+horizontal line), ``latency.png`` (prefill latency per model) and ``report.md`` with the
+table. Nothing is typed by hand; a folder with neither file is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fcot.eval.metrics import METRICS
+
+
+class ReportError(ValueError):
+    """RUN_DIR holds nothing to report."""
+
+
+def _eval_files(run: Path) -> list[Path]:
+    top = run / "eval.json"
+    return [top] if top.is_file() else sorted(run.rglob("eval.json"))
+
+
+def load_run(run: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """(models from the eval JSONs, {stage: [(step, loss), ...]})."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ReportError(f"RUN_DIR {str(run)!r} is not a folder")
+    models: list[dict[str, Any]] = []
+    for f in _eval_files(run):
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise ReportError(f"{f}: expected an object with a 'models' list (written by fcot eval)")
+        models += data["models"]
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for f in sorted(run.rglob("metrics.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if isinstance(entry, dict) and "loss" in entry and "step" in entry:
+                stage = str(entry.get("stage") or f.parent.name)
+                curves[stage].append((int(entry["step"]), float(entry["loss"])))
+    if not models and not curves:
+        raise ReportError(f"RUN_DIR {str(run)!r} holds no runs: no eval.json (fcot eval --out) and no metrics.jsonl "
+                          "(training logs) below it")
+    return models, dict(curves)
+
+
+def _plot_loss(curves, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    stages = list(curves)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        steps, losses = zip(*sorted(curves[stage]))
+        ax.plot(steps, losses, marker="." if len(steps) < 30 else None)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_accuracy(models, metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # Training-free compressors as one line each over their ratios; trained models as labelled points.
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for m in models:
+        if m["role"] == "training-free":
+            series[f"{m['compressor']} (training-free)"].append((m["visual_tokens_per_image"], 100 * m["metrics"][metric]))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", linestyle="--", alpha=0.8, label=label)
+    students = [m for m in models if m["role"] not in ("teacher", "training-free")]
+    if students:
+        ax.scatter([m["visual_tokens_per_image"] for m in students], [100 * m["metrics"][metric] for m in students],
+                   marker="*", s=120, color="tab:red", zorder=3, label="trained students")
+        seen: dict[float, int] = defaultdict(int)
+        for m in students:  # labels of points at the same token count stacked, not overprinted
+            x = m["visual_tokens_per_image"]
+            ax.annotate(m["name"], (x, 100 * m["metrics"][metric]), fontsize=6, xytext=(5, -10 * seen[x]),
+                        textcoords="offset points")
+            seen[x] += 1
+    for m in models:
+        if m["role"] == "teacher":
+            ax.axhline(100 * m["metrics"][metric], color="black", linestyle="--", linewidth=1,
+                       label=f"{m['name']} ({m['visual_tokens_per_image']:.0f} tokens)")
+    ax.set_xlabel("visual tokens per image")
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title("accuracy vs visual tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_latency(models, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(models) + 2), 3.5))
+    ax.bar(range(len(models)), [m["prefill_ms"] for m in models])
+    ax.set_xticks(range(len(models)), [m["name"] for m in models], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("prefill latency (ms, batch 1, median)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(models) -> str:
+    metrics = [m for m in METRICS if all(m in x["metrics"] for x in models)]
+    head = "| model | role | compressor | ratio | visual tokens / image | " + " | ".join(metrics) + \
+        " | prefill ms | peak memory MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in models:
+        lines.append(f"| {m['name']} | {m['role']} | {m['compressor']} | {m['ratio']:g} | {m['visual_tokens_per_image']:.0f} | " +
+                     " | ".join(f"{100 * m['metrics'][k]:.1f}" for k in metrics) +
+                     f" | {m['prefill_ms']:.2f} | {m['peak_memory_mb']:.0f} ({m['memory_kind']}) |")
+    return "\n".join(lines)
+
+
+def write_report(run: str | os.PathLike, metric: str = "exact_match") -> Path:
+    """Write the plots and ``report.md`` under ``RUN_DIR/report``; returns the markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: expected one of {sorted(METRICS)}")
+    run = Path(run)
+    models, curves = load_run(run)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# fcot report: {run.name}", ""]
+    summary = run / "summary.json"
+    if summary.is_file():
+        info = json.loads(summary.read_text(encoding="utf-8"))
+        parts += [f"- {k}: {v}" for k, v in info.items()] + [""]
+    if models:
+        _plot_accuracy(models, metric, out / "accuracy_vs_tokens.png")
+        _plot_latency(models, out / "latency.png")
+        parts += ["## Accuracy (%), visual tokens, latency, memory", "", markdown_table(models), "",
+                  f"![accuracy vs visual tokens](accuracy_vs_tokens.png)", "", "![prefill latency](latency.png)", ""]
+    if curves:
+        _plot_loss(curves, out / "loss.png")
+        parts += ["## Training loss", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
+        for stage, pts in curves.items():
+            pts = sorted(pts)
+            parts.append(f"| {stage} | {pts[-1][0]} | {pts[0][1]:.4f} | {pts[-1][1]:.4f} |")
+        parts += ["", "![loss](loss.png)", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(parts), encoding="utf-8")
+    return md

@@ -1,0 +1,93 @@
+"""fcot eval end to end on a tiny random InternVL saved to disk: loading, training-free
+compression, batched generate vs one-at-a-time, scoring, the JSON written, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fcot import demo
+from fcot.cli import main
+from fcot.data.tiling import internvl_image_processor
+from fcot.eval.run import EvalSetError, evaluate, load_eval_set, score_predictions
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = transformers.InternVLForConditionalGeneration(demo.build_config()).eval()
+    model.save_pretrained(root / "teacher")
+    demo.build_tokenizer().save_pretrained(root / "teacher")
+    internvl_image_processor(64, max_tiles=1).save_pretrained(root / "teacher")
+    jsonl = demo.make_task(root / "data", 5, seed=1, cols=2)
+    return root, jsonl
+
+
+def test_load_eval_set_answers_and_ids(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    rec = {"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "x"},
+                                                          {"from": "human", "value": "q2"}, {"from": "gpt", "value": "y"}],
+           "answers": ["x", ["y", "Y2"]]}
+    (tmp_path / "s.jsonl").write_text(json.dumps(rec) + "\n")
+    qs = load_eval_set(tmp_path / "s.jsonl")
+    assert [q.qid for q in qs] == ["r#0", "r#1"]
+    assert qs[1].answers == ["y", "Y2"] and qs[1].question == "<image>\nq2" and qs[0].images == [tmp_path / "a.png"]
+    means, _ = score_predictions(qs, {"r#0": "x", "r#1": "y2"})
+    assert means["exact_match"] == 1.0
+    with pytest.raises(EvalSetError, match="unknown question ids"):
+        score_predictions(qs, {"r#0": "x", "r#1": "y", "r#7": "z"})
+    with pytest.raises(EvalSetError, match="no prediction"):
+        score_predictions(qs, {"r#0": "x"})
+    rec["answers"] = ["x", ""]
+    (tmp_path / "s.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(EvalSetError, match="has no reference answer"):
+        load_eval_set(tmp_path / "s.jsonl")
+
+
+def test_evaluate_teacher_and_training_free(setup, tmp_path):
+    root, jsonl = setup
+    results = evaluate([str(root / "teacher")], jsonl, compressors=["avg"], ratios=[0.5, 0.75], out=tmp_path,
+                       batch_size=4, max_new_tokens=3, max_tiles=1, progress=False, latency_samples=1)
+    assert [(r.role, r.tokens_per_tile, r.visual_tokens_per_image) for r in results] == \
+        [("teacher", 16, 16), ("training-free", 8, 8), ("training-free", 4, 4)]
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["teacher", "teacher+avg@0.5", "teacher+avg@0.75"]
+    assert data["models"][1]["compressor"] == "avg" and data["models"][1]["ratio"] == 0.5
+    rows = [json.loads(x) for x in (tmp_path / "predictions" / "teacher.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and data["models"][0]["n_questions"] == 5
+    # the means are the rows' means, and the batched answers equal one-question-at-a-time answers
+    assert data["models"][0]["metrics"]["anls"] == pytest.approx(sum(r["anls"] for r in rows) / 5)
+    single = evaluate([str(root / "teacher")], jsonl, batch_size=1, max_new_tokens=3, max_tiles=1, progress=False,
+                      latency_samples=1)
+    assert [r["prediction"] for r in single[0].predictions] == [r["prediction"] for r in rows]
+    assert results[0].prefill_ms > 0 and results[0].peak_memory_mb > 0
+
+
+def test_cli_eval_bad_input(setup, tmp_path, capsys):
+    root, jsonl = setup
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(root / "data"), "--eval-set", str(jsonl), "--quiet"])
+    assert e.value.code == 2 and "has no config.json" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "m"), "--eval-set", str(jsonl), "--quiet"])
+    assert "is a 'llama' model" in capsys.readouterr().err
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "nope#0", "prediction": "1"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["eval", "--predictions", str(tmp_path / "p.jsonl"), "--eval-set", str(jsonl)])
+    assert "unknown question ids" in capsys.readouterr().err
+
+
+def test_cli_eval_ratio_without_compressor_warns(setup, capsys):
+    root, jsonl = setup
+    with pytest.warns(UserWarning, match="--ratio has no effect without --compressor"):
+        assert main(["eval", str(root / "teacher"), "--eval-set", str(jsonl), "--ratio", "0.75", "--quiet",
+                     "--max-tiles", "1", "--max-new-tokens", "3", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "tok/img" in out
