@@ -99,7 +99,10 @@ def _train(args: argparse.Namespace) -> int:
         from fcot.train.distill import run_distill as run
     else:
         from fcot.train.posttrain import run_posttrain as run
+    from fcot.train.engine import finish_distributed
+
     trainer = run(cfg, resume=args.resume)
+    finish_distributed()
     print(f"fcot {args.command}: {trainer.state.global_step} steps; model saved to {cfg.common.output_dir} "
           f"(load it with fcot.load_compressed); metrics in {cfg.common.output_dir}/metrics.jsonl")
     return 0

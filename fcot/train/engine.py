@@ -545,3 +545,14 @@ def finish_run(trainer, cfg: RunConfig) -> dict[str, Any]:
 
 __all__ = ["DistillCollator", "FcotTrainer", "ModelParts", "ResizeImageTokens", "TrainModule", "build_dataset",
            "check_run", "compress", "load_base", "loss_backend", "start_run", "read_metrics", "training_arguments"]
+
+
+def finish_distributed() -> None:
+    """End a torchrun job cleanly: wait for every rank, then destroy the process group (a rank
+    that exits with gloo's threads still alive can abort with 'terminate called without an
+    active exception'). A no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
