@@ -221,11 +221,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     import transformers
 
     from fcot.data.tiling import HFTiler, internvl_image_processor
-    from fcot.eval.run import evaluate_model, format_table, load_eval_set, load_model, write_results
+    from fcot.eval.run import evaluate_model, evaluate_training_free, format_table, load_eval_set, load_model, write_results
     from fcot.report import write_report
     from fcot.train.merge import merge_checkpoints
-
-    import fcot
 
     plan = QUICK if quick else Plan()
     run = Path(out)
@@ -259,14 +257,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     print(f"    teacher exact match on held-out pages: {100 * results[0].metrics['exact_match']:.1f}%", flush=True)
 
     say(3, "training-free compression of the teacher: avg, tome, prune at ratio 0.5 and 0.75")
-    for comp in ("avg", "tome", "prune"):
-        for ratio in (0.5, 0.75):
-            fcot.apply_fcot(model, compressor=comp, ratio=ratio)
-            try:
-                results.append(evaluate_model(model, tokenizer, tiler, questions, name=f"{comp}@{ratio:g}",
-                                              role="training-free", path=str(teacher_dir), **kw))
-            finally:
-                fcot.revert_fcot(model)
+    results += evaluate_training_free(model, tokenizer, tiler, questions, ("avg", "tome", "prune"), (0.5, 0.75),
+                                      path=str(teacher_dir), **kw)
     del model
 
     say(4, f"stage 1: self-distillation of a conv student at 0.5 and 0.75 ({plan.distill_steps} steps each)")

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -274,6 +274,25 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     return model.to(device).eval(), tokenizer, HFTiler(image_processor), role
 
 
+
+def evaluate_training_free(model: Any, tokenizer: Any, tiler: Any, questions: list, compressors: Iterable[str],
+                           ratios: Iterable[float], *, prefix: str = "", **kwargs: Any) -> list:
+    """:func:`evaluate_model` on ``model`` compressed training-free by every compressor at every
+    ratio (``apply_fcot``, then ``revert_fcot`` even on error); results named
+    ``{prefix}{compressor}@{ratio}``."""
+    import fcot
+
+    results = []
+    for comp in compressors:
+        for ratio in ratios:
+            fcot.apply_fcot(model, compressor=comp, ratio=ratio)
+            try:
+                results.append(evaluate_model(model, tokenizer, tiler, questions, name=f"{prefix}{comp}@{ratio:g}",
+                                              role="training-free", **kwargs))
+            finally:
+                fcot.revert_fcot(model)
+    return results
+
 def evaluate(models: Sequence[str], eval_set: str | os.PathLike, *, compressors: Sequence[str] = (),
              ratios: Sequence[float] = (0.5,), names: Sequence[str] | None = None, limit: int | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", **kwargs: Any) -> list[ModelResult]:
@@ -291,14 +310,8 @@ def evaluate(models: Sequence[str], eval_set: str | os.PathLike, *, compressors:
             raise ValueError(f"model {path!r} is already compressed ({model.config.fcot['compressor']}): --compressor "
                              "applies to uncompressed models only")
         results.append(evaluate_model(model, tokenizer, tiler, questions, name=name, role=role, path=str(path), **kwargs))
-        for comp in compressors:
-            for ratio in ratios:
-                fcot.apply_fcot(model, compressor=comp, ratio=ratio)
-                try:
-                    results.append(evaluate_model(model, tokenizer, tiler, questions, name=f"{name}+{comp}@{ratio:g}",
-                                                  role="training-free", path=str(path), **kwargs))
-                finally:
-                    fcot.revert_fcot(model)
+        results += evaluate_training_free(model, tokenizer, tiler, questions, compressors, ratios, prefix=f"{name}+",
+                                          path=str(path), **kwargs)
     if out is not None:
         write_results(out, results, eval_set=str(eval_set))
     return results
