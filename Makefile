@@ -9,7 +9,7 @@ DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" num
            accelerate peft safetensors pillow tqdm matplotlib pyyaml
 SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: env install demo test test-fast bench bench-pytest clean
+.PHONY: env install demo test test-fast bench bench-quick bench-report bench-pytest clean
 
 env: $(VENV)/.deps
 $(VENV)/.deps: Makefile
@@ -32,8 +32,16 @@ demo: install
 test: install
 	$(PYTHON) -m pytest
 
+# The performance report: every benchmark into bench/results/<device>/<date>-<commit>/, then the
+# plots and docs/performance.md (commit both). bench-quick is the smoke run (CPU shapes).
 bench: install
-	$(PYTHON) -m bench.run --out bench/results/latest
+	$(PYTHON) -m fcot bench --report
+
+bench-quick: install
+	$(PYTHON) -m fcot bench --quick --report
+
+bench-report: install
+	$(PYTHON) -m fcot bench report
 
 bench-pytest: install
 	$(PYTHON) -m pytest bench/ --benchmark-only

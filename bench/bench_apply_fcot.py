@@ -27,7 +27,10 @@ from .harness import Case, MODES, Skip, bench_shapes, run_pytest_benchmark
 from .models import FFN_WIDTHS, IMAGE_MERGE_RATIOS, LLM_TYPES, MODELS, TILE_GRID
 
 OP = "apply_fcot"
-PROVIDERS = ("eager", "fused", "reference")
+PROVIDERS = ("eager", "reference", "fused")
+"""The reference before fused: the harness counts a shape's FLOPs on its first provider."""
+RUN_MODES = ("forward",)
+"""Inference only: what ``fcot bench`` times (the other modes are skips)."""
 TILES, TEXT = 13, 64
 COMPRESSORS = ("none", "avg", "conv", "tome", "prune")
 SMOKE = dict(vit=(64, 1, 1, 128), llm=(64, 1, 1, 1, 128, 512), llm_type="qwen2")

@@ -22,11 +22,14 @@ import torch.nn.functional as F
 import fcot_kernels as fk
 from fcot_kernels.reference import avg_merge_weight
 
-from .harness import Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
+from .harness import (
+    MODES, REFERENCE_PROVIDERS, Case, Skip, bench_shapes, eager_and_compiled, make_mode_fn,
+    run_pytest_benchmark,
+)
 from .models import MODELS, TILE_COUNTS, TILE_GRID
 
 OP = "compress_project"
-PROVIDERS = ("eager", "compile", "triton")
+PROVIDERS = ("eager", "compile", "compile-max", "triton")
 """No CUDA C++ kernel for this op: the memory-bound prologue lives in Triton kernels."""
 VARIANTS = ((1, "avg"), (2, "avg"), (2, "conv"), (4, "avg"), (4, "conv"))
 SHAPES = {
@@ -112,7 +115,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
         p["merge_weight"] = (mw + 0.01 * torch.randn_like(mw)).to(dtype).requires_grad_(grad)
         p["merge_bias"] = param(width, std=0.1)
     kwargs = dict(grid=(gh, gw), scale=0.5, merge=merge, mode=kind, **p)
-    if provider in ("eager", "compile"):
+    if provider in REFERENCE_PROVIDERS:
         forward = eager_and_compiled(_transformers_path(x, shape, p), provider)
     else:
         forward = lambda: fk.compress_project(x, backend=provider, **kwargs)  # noqa: E731

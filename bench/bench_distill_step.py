@@ -33,7 +33,10 @@ import torch
 from .harness import MODES, Case, Skip, bench_shapes, run_pytest_benchmark
 
 OP = "distill_step"
-PROVIDERS = ("fused", "reference")
+PROVIDERS = ("reference", "fused")
+"""The reference first: the harness counts a shape's FLOPs on its first provider."""
+RUN_MODES = ("full",)
+"""A training step: what ``fcot bench`` times."""
 PARTS = ("step", "vit", "teacher", "student", "loss", "optimizer")
 
 

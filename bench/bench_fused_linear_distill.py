@@ -23,7 +23,10 @@ import torch
 import fcot_kernels as fk
 from fcot_kernels.reference import fused_linear_distill_ref
 
-from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
+from .harness import (
+    BASE_PROVIDERS, MODES, REFERENCE_PROVIDERS, Case, Missing, Skip, bench_shapes,
+    eager_and_compiled, make_mode_fn, run_pytest_benchmark,
+)
 from .models import DISTILL_TOKENS, MODELS
 
 OP = "fused_linear_distill"
@@ -55,7 +58,7 @@ def _liger():
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
     except ImportError as err:
-        raise Skip(f"liger_kernel is not importable ({err})") from None
+        raise Missing(f"liger_kernel is not importable ({err}); pip install liger-kernel") from None
     return LigerFusedLinearJSD
 
 
@@ -73,6 +76,8 @@ def _oom_to_skip(fn):
 def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: torch.device) -> Case:
     if provider == "cuda":
         raise Skip("fused_linear_distill has no CUDA C++ kernel (GEMMs are cuBLAS, the logits pass is Triton)")
+    if provider == "liger":
+        _liger()  # a peer that is not installed is reported missing on every device
     if provider in ("triton", "liger") and device.type != "cuda":
         raise Skip("no GPU (interpreter timings mean nothing)")
     n, h, v, loss = shape["n"], shape["h"], shape["v"], LOSSES[shape["loss"]]
@@ -84,7 +89,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     w = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_(grad)
     labels = torch.randint(0, v, (n,), device=device)
     try:
-        if provider in ("eager", "compile"):
+        if provider in REFERENCE_PROVIDERS:
             ref = eager_and_compiled(fused_linear_distill_ref, provider)
             forward = lambda: ref(xs, xt, w, labels=labels, **loss)  # noqa: E731
         elif provider == "liger":

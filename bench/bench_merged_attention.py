@@ -12,6 +12,7 @@ Providers:
         (isolates the cost of the bias). tr_imp: forward plus the importance
         side-output for the last query row (FastV's choice), forward mode only.
     sdpa_fa: SDPA's flash backend without a bias (the speed to match).
+    sdpa_cudnn, sdpa_eff: SDPA's cuDNN and memory-efficient backends without a bias.
     sdpa_mask: SDPA with the key bias as a dense (L, L) additive mask including the causal
         -inf (the efficient or math backend: what PyTorch users do today).
     flashattn: flash_attn_func without a bias, when flash-attn is importable.
@@ -36,11 +37,14 @@ import torch.nn.functional as F
 import fcot_kernels as fk
 from fcot_kernels.reference import merged_attention_ref
 
-from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
+from .harness import (
+    BASE_PROVIDERS, MODES, REFERENCE_PROVIDERS, Case, Missing, Skip, bench_shapes,
+    eager_and_compiled, make_mode_fn, run_pytest_benchmark,
+)
 from .models import IMAGE_MERGE_RATIOS, MODELS, PREFILL_LENGTHS
 
 OP = "merged_attention"
-PROVIDERS = (*BASE_PROVIDERS, "tr_nobias", "tr_imp", "sdpa_fa", "sdpa_mask", "flashattn")
+PROVIDERS = (*BASE_PROVIDERS, "tr_nobias", "tr_imp", "sdpa_fa", "sdpa_cudnn", "sdpa_eff", "sdpa_mask", "flashattn")
 TEXT_PREFIX = 32
 """System prompt and image-start tokens before the visual span."""
 SHAPES = {
@@ -93,7 +97,8 @@ def _sdpa(q, k, v, mask, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    pick = SDPBackend.FLASH_ATTENTION if backend == "flash" else [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    pick = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "eff": SDPBackend.EFFICIENT_ATTENTION,
+            "dense": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[backend]
     with sdpa_kernel(pick):
         if mask is None:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kt.shape[1] != qt.shape[1])
@@ -124,13 +129,13 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
         raise Skip("no GPU (interpreter timings mean nothing)")
     if provider == "tr_imp" and mode != "forward":
         raise Skip("the importance side-output has no backward; see the triton rows")
-    if provider in ("sdpa_fa", "flashattn") and not on_gpu:
-        raise Skip("flash attention needs a GPU")
     if provider == "flashattn":
         try:
             from flash_attn import flash_attn_func
-        except ImportError:
-            raise Skip("flash_attn is not installed") from None
+        except ImportError as err:
+            raise Missing(f"flash_attn is not importable ({err})") from None
+    if provider in ("sdpa_fa", "sdpa_cudnn", "sdpa_eff", "flashattn") and not on_gpu:
+        raise Skip("this attention backend needs a GPU")
     length, hq, hkv, d = shape["length"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     grad = mode != "forward"
     q = torch.randn(1, length, hq, d, device=device, dtype=dtype, requires_grad=grad)
@@ -138,7 +143,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     v = torch.randn(1, length, hkv, d, device=device, dtype=dtype, requires_grad=grad)
     bias = key_log_size(length, shape["merged"], device)
     params = [q, k, v]
-    if provider in ("eager", "compile"):
+    if provider in REFERENCE_PROVIDERS:
         ref = eager_and_compiled(merged_attention_ref, provider)
         forward = lambda: ref(q, k, v, key_log_size=bias, causal=True)  # noqa: E731
     elif provider in ("triton", "tr_nobias"):
@@ -147,8 +152,9 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     elif provider == "tr_imp":
         forward = lambda: fk.merged_attention(  # noqa: E731
             q, k, v, key_log_size=bias, causal=True, importance_rows=[-1], backend="triton")[0]
-    elif provider == "sdpa_fa":
-        forward = lambda: _sdpa(q, k, v, None, "flash")  # noqa: E731
+    elif provider in ("sdpa_fa", "sdpa_cudnn", "sdpa_eff"):
+        backend = {"sdpa_fa": "flash", "sdpa_cudnn": "cudnn", "sdpa_eff": "eff"}[provider]
+        forward = lambda: _sdpa(q, k, v, None, backend)  # noqa: E731
     elif provider == "sdpa_mask":
         # The efficient and math backends take no GQA: repeat the KV heads once, outside the timing.
         kx = k.detach().repeat_interleave(hq // hkv, 2).requires_grad_(grad)

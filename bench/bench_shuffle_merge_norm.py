@@ -15,7 +15,10 @@ import torch
 import fcot_kernels as fk
 from fcot_kernels.reference import shuffle_merge_norm_ref
 
-from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
+from .harness import (
+    BASE_PROVIDERS, MODES, REFERENCE_PROVIDERS, Case, Skip, bench_shapes, eager_and_compiled,
+    make_mode_fn, run_pytest_benchmark,
+)
 from .models import TILE_COUNTS, TILE_GRID, VIT_WIDTHS
 
 OP = "shuffle_merge_norm"
@@ -43,7 +46,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     w = (1 + 0.1 * torch.randn(width, device=device)).requires_grad_(mode != "forward")
     b = (0.1 * torch.randn(width, device=device)).requires_grad_(mode != "forward")
     kwargs = dict(grid=(gh, gw), weight=w, bias=b, scale=0.5, merge=merge)
-    if provider in ("eager", "compile"):
+    if provider in REFERENCE_PROVIDERS:
         ref = eager_and_compiled(shuffle_merge_norm_ref, provider)
         forward = lambda: ref(x, **kwargs)  # noqa: E731
     else:

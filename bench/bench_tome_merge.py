@@ -21,7 +21,10 @@ import torch
 import fcot_kernels as fk
 from fcot_kernels.reference import tome_merge_ref
 
-from .harness import BASE_PROVIDERS, Case, MODES, Skip, bench_shapes, eager_and_compiled, make_mode_fn, run_pytest_benchmark
+from .harness import (
+    BASE_PROVIDERS, MODES, REFERENCE_PROVIDERS, Case, Missing, Skip, bench_shapes,
+    eager_and_compiled, make_mode_fn, run_pytest_benchmark,
+)
 from .models import MODELS, TILE_COUNTS, TILE_GRID, VIT_WIDTHS
 
 OP = "tome_merge"
@@ -46,7 +49,7 @@ TARGET_SHAPES = ["InternViT-300M/104t/T1024", "InternViT-300M/104t/T4096", "proj
 def _tome_peer():
     """ToMe's own merge (github.com/facebookresearch/ToMe), when installed."""
     if importlib.util.find_spec("tome") is None:
-        raise Skip("the ToMe package (import tome) is not installed")
+        raise Missing("the ToMe package (import tome, github.com/facebookresearch/ToMe) is not installed")
     from tome.merge import bipartite_soft_matching, merge_wavg
 
     def run(x, r):
@@ -56,6 +59,8 @@ def _tome_peer():
 
 
 def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: torch.device) -> Case:
+    if provider == "tome":
+        _tome_peer()  # a peer that is not installed is reported missing on every device
     if provider in ("triton", "cuda") and device.type != "cuda":
         raise Skip("no GPU (interpreter timings mean nothing)")
     if provider == "cuda" and not fk.backends()["cuda"].available:
@@ -63,7 +68,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     tiles, t, c = shape["tiles"], shape["tokens"], shape["channels"]
     r = t // 2
     x = torch.randn(tiles, t, c, device=device, dtype=dtype, requires_grad=mode != "forward")
-    if provider in ("eager", "compile"):
+    if provider in REFERENCE_PROVIDERS:
         ref = eager_and_compiled(tome_merge_ref, provider)
         forward = lambda: ref(x, r=r)[0]  # noqa: E731
     elif provider == "tome":

@@ -5,6 +5,9 @@
 #
 #   bash bench/gpu_suite.sh OUTDIR [COMMIT]
 #
+# Afterwards, here: copy OUTDIR to bench/results/<device>/<date>-<short commit>/ and run
+# `fcot bench report` (plots + docs/performance.md with every target's measured ratio).
+#
 # Files (8 at most, all in OUTDIR): system.txt, stages.txt (each stage's seconds and exit status,
 # appended as it ends), build.log, tests.log, sanitizer.log, bench.log, bench.csv, bench.json.
 # Copy them to bench/results/<device>/<date>-<short commit>/ and commit them as produced; the
@@ -38,6 +41,12 @@ stage() {
   return $rc
 }
 
+# Peers carried as wheels (the GPU machine has no package index): .whl/*.whl, e.g. liger-kernel.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fcot-site .whl/*.whl \
+    && export PYTHONPATH=/tmp/fcot-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 # 0. The environment and the commit (the tree on the GPU machine may have no .git).
 {
   echo "commit: $FCOT_GIT_COMMIT"; date -u
@@ -70,10 +79,16 @@ stage racecheck 30 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --err
   -q -x -p no:cacheprovider -k "cuda and matches_reference and not fuzz and not real" || status=1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.log"
 
-# 4. The target-shape benchmarks with both ceilings (device copy bandwidth, bf16 matmul) measured
-#    in the same run; bench.csv/bench.json are rewritten after every op.
+# 4. `fcot bench` at the target shapes: both ceilings (device copy bandwidth, bf16 matmul) measured
+#    in the same run, every kernel and end-to-end case, the peers that import (Liger-Kernel when
+#    carried as a wheel in .whl/); bench.csv/bench.json are rewritten after every op. compile-max
+#    (max-autotune) is excluded unless FCOT_BENCH_MAX_AUTOTUNE=1: its autotuning does not fit the
+#    budget. The plots and docs/performance.md are rendered afterwards with `fcot bench report`.
 : > "$OUT/bench.log"
-stage bench 135 "$OUT/bench.log" $PY -m bench.run --shapes "${FCOT_BENCH_SHAPES:-target}" --out "$OUT" || status=1
+exclude=(--exclude-provider compile-max)
+[ "${FCOT_BENCH_MAX_AUTOTUNE:-0}" = 1 ] && exclude=()
+stage bench 135 "$OUT/bench.log" $PY -m fcot bench --no-progress --shapes "${FCOT_BENCH_SHAPES:-target}" \
+  "${exclude[@]}" --out "$OUT" || status=1
 tail -5 "$OUT/bench.log"
 
 echo "stages:"; cat "$STAGES"

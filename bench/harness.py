@@ -7,6 +7,15 @@ relates them to the device-copy bandwidth and bf16 matmul rate measured in the s
 
 On a GPU timing uses ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); on
 a CPU it uses ``time.perf_counter`` and every row is labelled ``cpu``.
+
+Every row carries a ``status``: ``ok`` (timed), ``skipped`` (the provider cannot run this case,
+with the reason), ``missing`` (a peer library that is not importable: reported, never dropped) or
+``error`` (the case raised; the message is kept and ``fcot bench`` exits non-zero). Every timed
+row states its fraction of the relevant ceiling (``frac_ceiling``, by the roofline: the time the
+bytes take at the copy bandwidth or the FLOPs at the matmul rate, whichever is longer, over the
+measured time) and which ceiling that is (``bound``). Model-level cases that state neither bytes
+nor FLOPs get their FLOPs counted by ``torch.utils.flop_counter`` on the first provider of the
+shape (the reference, so fused kernels that the counter cannot see are credited the same work).
 """
 
 from __future__ import annotations
@@ -27,12 +36,19 @@ import torch
 MODES = ("forward", "backward", "full")
 """forward: the op alone; backward: the backward of a precomputed forward; full: both."""
 
-BASE_PROVIDERS = ("eager", "compile", "triton", "cuda")
-"""eager: the PyTorch reference; compile: torch.compile of it; triton / cuda: fcot kernels."""
+BASE_PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
+"""eager: the PyTorch reference; compile: torch.compile of it (default mode); compile-max: the
+same in mode ``max-autotune-no-cudagraphs``; triton / cuda: fcot kernels."""
+REFERENCE_PROVIDERS = ("eager", "compile", "compile-max")
+"""The providers that run the PyTorch reference (as written or compiled)."""
 
 
 class Skip(Exception):
     """Raised by a setup function when a provider cannot run a case (the reason is recorded)."""
+
+
+class Missing(Skip):
+    """Raised when a peer library is not importable: the row is kept with status ``missing``."""
 
 
 @dataclass
@@ -63,6 +79,12 @@ class Row:
     frac_copy_bw: float | None = None
     frac_matmul: float | None = None
     tokens_per_s: float | None = None
+    frac_ceiling: float | None = None
+    """Roofline time (bytes at the copy bandwidth or FLOPs at the matmul rate, the longer) / median."""
+    bound: str = ""
+    """Which ceiling ``frac_ceiling`` is relative to: ``memory`` or ``compute``."""
+    status: str = "ok"
+    """ok | skipped | missing | error."""
     note: str = ""
     env: dict = field(default_factory=dict)
 
@@ -72,13 +94,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds."""
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
+            quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds; ``quick`` times fewer runs (smoke runs)."""
     if device.type == "cuda":
         import triton.testing
 
-        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        q = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2])
+    if quick:
+        warmup, reps = 1, 5
     for _ in range(warmup):
         fn()
     samples = []
@@ -129,17 +154,104 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None where there is no git checkout)."""
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                      stderr=subprocess.DEVNULL, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
+
+
+def _nvidia_smi(index: int) -> dict:
+    """Clocks, driver and power limit of GPU ``index`` from nvidia-smi ({} where it cannot run)."""
+    fields = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.limit", "pstate")
+    try:
+        out = subprocess.check_output(
+            ["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            stderr=subprocess.DEVNULL, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []
+    names = ("driver", "sm_clock_mhz", "mem_clock_mhz", "max_sm_clock_mhz", "max_mem_clock_mhz", "power_limit_w", "pstate")
+    return dict(zip(names, values))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_mhz() -> str:
+    try:
+        mhz = [float(line.split(":", 1)[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        return ""
+    return f"{statistics.median(mhz):.0f}" if mhz else ""
+
+
 def environment(device: torch.device) -> dict:
+    """Provenance of a run: device name, clocks, driver, library versions, commit, time."""
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    return {
-        "device_name": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "not installed"
+    env = {"device_type": device.type}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        env.update(device_name=props.name, sm_count=props.multi_processor_count,
+                   memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda, **_nvidia_smi(index))
+    else:
+        env.update(device_name=f"cpu ({_cpu_model()})", cpu_count=os.cpu_count(), cpu_mhz=_cpu_mhz(),
+                   torch_threads=torch.get_num_threads())
+    env.update(
+        torch=torch.__version__, triton=triton.__version__, transformers=tf_version,
+        python=platform.python_version(), commit=git_commit(), dirty=_git_dirty(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return env
+
+
+def _count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call, as ``torch.utils.flop_counter`` sees them (0 where it fails)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except Exception:  # noqa: BLE001 - a case the counter cannot trace just states no FLOPs
+        return 0.0
+    return float(counter.get_total_flops())
+
+
+def _roofline(row: Row, case: Case, ceilings: dict) -> None:
+    """Fill GB/s, TFLOP/s, tokens/s and the fractions of the ceilings from the median time."""
+    seconds = row.median_ms * 1e-3
+    t_mem = t_math = 0.0
+    if case.bytes:
+        row.gbps = case.bytes / seconds / 1e9
+        row.frac_copy_bw = row.gbps / ceilings["copy_gbps"]
+        t_mem = case.bytes / (ceilings["copy_gbps"] * 1e9)
+    if case.flops:
+        row.tflops = case.flops / seconds / 1e12
+        row.frac_matmul = row.tflops / ceilings["matmul_tflops"]
+        t_math = case.flops / (ceilings["matmul_tflops"] * 1e12)
+    if case.tokens:
+        row.tokens_per_s = case.tokens / seconds
+    if t_mem or t_math:
+        row.bound = "memory" if t_mem >= t_math else "compute"
+        row.frac_ceiling = max(t_mem, t_math) / seconds
 
 
 def run_cases(
@@ -152,34 +264,45 @@ def run_cases(
     providers: list[str] | None = None,
     modes: list[str] | None = None,
     ceilings: dict | None = None,
+    env: dict | None = None,
+    quick: bool = False,
+    excluded: tuple[str, ...] = (),
+    progress: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """Time every (shape, provider, mode) of a benchmark module; unrunnable cases get a note."""
+    """Time every (shape, provider, mode) of a benchmark module. A case that cannot run is a row
+    with its reason (skipped / missing / error), never dropped; ``excluded`` providers are rows
+    that say they were excluded. ``progress`` is called with each finished row."""
     ceilings = ceilings or {"copy_gbps": copy_bandwidth_gbps(device), "matmul_tflops": matmul_tflops(device)}
-    env = {**environment(device), **{k: round(v, 2) for k, v in ceilings.items()}}
+    env = {**(env or environment(device)), **{k: round(v, 2) for k, v in ceilings.items()}}
     rows = []
     for shape in shapes or list(module.SHAPES):
+        counted: dict[str, float] = {}  # mode -> FLOPs counted on the shape's first provider
         for provider in providers or list(module.PROVIDERS):
             for mode in modes or list(MODES):
                 row = Row(op, shape, provider, mode, str(dtype).replace("torch.", ""), device.type, env=env)
-                try:
-                    case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
-                    row.median_ms, row.p20_ms, row.p80_ms = time_fn(case.fn, device)
-                    row.peak_mem_mb = peak_memory_mb(case.fn, device)
-                except Skip as why:
-                    row.note = f"skipped: {why}"
-                    rows.append(row)
-                    continue
-                seconds = row.median_ms * 1e-3
-                if case.bytes:
-                    row.gbps = case.bytes / seconds / 1e9
-                    row.frac_copy_bw = row.gbps / ceilings["copy_gbps"]
-                if case.tokens:
-                    row.tokens_per_s = case.tokens / seconds
-                if case.flops:
-                    row.tflops = case.flops / seconds / 1e12
-                    row.frac_matmul = row.tflops / ceilings["matmul_tflops"]
                 rows.append(row)
-                del case
+                try:
+                    if provider in excluded:
+                        raise Skip(f"provider {provider} excluded from this run (--exclude-provider)")
+                    case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
+                    if not (case.bytes or case.flops):
+                        case.flops = counted.setdefault(mode, _count_flops(case.fn))
+                    row.median_ms, row.p20_ms, row.p80_ms = time_fn(case.fn, device, quick=quick)
+                    row.peak_mem_mb = peak_memory_mb(case.fn, device)
+                except Missing as why:
+                    row.status, row.note = "missing", f"missing: {why}"
+                except Skip as why:
+                    row.status, row.note = "skipped", f"skipped: {why}"
+                except Exception as err:  # noqa: BLE001 - recorded on the row; the run goes on and fails at the end
+                    row.status, row.note = "error", f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                    row.median_ms = row.p20_ms = row.p80_ms = row.peak_mem_mb = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                else:
+                    _roofline(row, case, ceilings)
+                    del case
+                if progress:
+                    progress(row)
     return rows
 
 
@@ -198,15 +321,19 @@ def write_results(rows: list[Row], out_dir: Path, stem: str) -> tuple[Path, Path
 
 
 def format_table(rows: list[Row]) -> str:
+    """The terminal table of ``fcot bench``: %ceil is the fraction of the row's ceiling, followed by
+    m (memory-bound: copy bandwidth) or c (compute-bound: matmul rate)."""
     width = max([28, *(len(r.shape) + 2 for r in rows)])
-    head = f"{'shape':<{width}}{'provider':<10}{'mode':<10}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}{'%copy':>7}{'TFLOP/s':>9}{'peak MB':>9}{'tok/s':>10}  note"
+    head = (f"{'shape':<{width}}{'provider':<12}{'mode':<10}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}"
+            f"{'TFLOP/s':>9}{'%ceil':>8}{'peak MB':>9}{'tok/s':>10}  note")
     lines = [head]
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
+        ceil = f"{100 * r.frac_ceiling:6.1f} {r.bound[:1]}" if r.frac_ceiling is not None else "-".rjust(8)
         lines.append(
-            f"{r.shape:<{width}}{r.provider:<10}{r.mode:<10}{f(r.median_ms, '11.3f')}{f(r.p20_ms, '9.3f')}{f(r.p80_ms, '9.3f')}"
-            f"{f(r.gbps, '9.1f')}{f(r.frac_copy_bw and 100 * r.frac_copy_bw, '7.1f')}{f(r.tflops, '9.1f')}{f(r.peak_mem_mb, '9.1f')}{f(r.tokens_per_s, '10.0f')}  {r.note}"
+            f"{r.shape:<{width}}{r.provider:<12}{r.mode:<10}{f(r.median_ms, '11.3f')}{f(r.p20_ms, '9.3f')}{f(r.p80_ms, '9.3f')}"
+            f"{f(r.gbps, '9.1f')}{f(r.tflops, '9.2f')}{ceil:>8}{f(r.peak_mem_mb, '9.1f')}{f(r.tokens_per_s, '10.0f')}  {r.note}"
         )
     return "\n".join(lines)
 
@@ -236,9 +363,14 @@ def run_pytest_benchmark(benchmark, module, shape: str, provider: str, mode: str
 
 
 def eager_and_compiled(fn: Callable, provider: str) -> Callable:
-    """The reference as given (eager) or wrapped in torch.compile (default mode)."""
+    """The reference as given (eager) or wrapped in torch.compile: default mode (``compile``) or
+    ``max-autotune-no-cudagraphs`` (``compile-max``)."""
     if provider == "compile":
         return torch.compile(fn, dynamic=False)
+    if provider == "compile-max":
+        return torch.compile(fn, dynamic=False, mode="max-autotune-no-cudagraphs")
+    if provider != "eager":
+        raise ValueError(f"provider {provider!r} is not one of {REFERENCE_PROVIDERS}")
     return fn
 
 

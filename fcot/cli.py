@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _kernels_check(args: argparse.Namespace) -> int:
@@ -245,9 +246,29 @@ def _add_merge(sub) -> None:
     p.set_defaults(run=_merge)
 
 
+def _bench_main(argv: list[str]) -> int:
+    """``fcot bench ...`` is ``bench.run`` (the benchmark suite lives in the source checkout's bench/)."""
+    try:
+        from bench import run as bench_run
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "run.py").is_file():
+            print("fcot bench: the benchmarks live in the repository's bench/ folder, which this install does not "
+                  "include; run it from a source checkout (pip install -e .)", file=sys.stderr)
+            return 2
+        sys.path.insert(0, str(root))
+        from bench import run as bench_run
+    return bench_run.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fcot", description="fcot-vl: FCoT-VL visual-token compression, kernel-accelerated")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="every kernel and end-to-end benchmark in one run, with provenance, ceilings and peers; "
+                   "'fcot bench report' renders plots and docs/performance.md (fcot bench --help)")
     demo = sub.add_parser("demo", help="FCoT-VL end to end on a tiny InternVL (CPU, offline, minutes): teacher, "
                           "training-free compressors, distilled students, report")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
