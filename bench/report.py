@@ -244,8 +244,10 @@ def op_table(run: Run, op: str) -> list[str]:
         def x(name):
             return _f(sp[name].get(best[0]) if best else None, ".2f") + ("x" if best and best[0] in sp[name] else "")
 
-        ref = best[1] if best else (eager[1] if eager else None)
-        ceil = f"{100 * ref['frac_ceiling']:.1f} ({ref['bound']})" if ref and ref.get("frac_ceiling") else "-"
+        ref = best if best else eager  # the fcot kernel's ceiling fraction, else eager's (named)
+        ceil = (f"{100 * ref[1]['frac_ceiling']:.1f} ({ref[1]['bound']}{'' if best else ', ' + ref[0]})"
+                if ref and ref[1].get("frac_ceiling") else "-")
+        ref = ref[1] if ref else None
         lines.append(
             f"| {shape} | {mode} | {_f(_ms(best[1]), '.3f') + f' ({best[0]})' if best else 'not timed'} | "
             f"{_f(_ms(eager[1]), '.3f') + ('' if eager[0] == 'eager' else f' ({eager[0]})') if eager else '-'} | "
@@ -279,6 +281,10 @@ def render(runs: list[Run], docs: Path) -> str:
     ]
     for run in runs:
         out += [f"### {run.env.get('device_name', '?')}: `{_rel(run.path, REPO)}`", "", *provenance(run), ""]
+        if run.device != "cuda":
+            out += ["A CPU run: the Triton and CUDA kernels are not timed, and `fused` runs fcot_kernels' default "
+                    "backend on a CPU, which is the PyTorch reference, so fused vs reference differ by noise only. "
+                    "Peak device memory is measured on a GPU only.", ""]
         for op in sorted({r["op"] for r in run.rows}):
             out += [f"#### {op}", "", *op_table(run, op), "",
                     f"![{op}]({_rel(run.path / 'plots' / f'{op}.png', docs.parent)})", ""]
