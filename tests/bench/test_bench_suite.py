@@ -242,3 +242,21 @@ def test_report_refuses_a_folder_without_results(tmp_path):
     with pytest.raises(SystemExit, match="no benchmark rows"):
         report.main([str(tmp_path)])
 
+
+
+def test_liger_peer_computes_the_same_loss_as_fcot():
+    """The Liger-Kernel peer is compared on the same loss: its fused linear JSD equals fcot's
+    reference JSD (beta 0.5, no CE). Runs where liger-kernel is installed (under the Triton
+    interpreter on a CPU)."""
+    pytest.importorskip("liger_kernel.transformers")
+    from bench.bench_fused_linear_distill import LOSSES, _liger
+    from fcot_kernels.reference import fused_linear_distill_ref
+
+    device = harness.default_device()
+    gen = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(8, 16, generator=gen).to(device), torch.randn(8, 16, generator=gen).to(device)
+    w = (torch.randn(40, 16, generator=gen) / 4).to(device)
+    labels = torch.randint(0, 40, (8,), generator=gen).to(device)
+    loss = LOSSES["jsd"]
+    liger = _liger()(jsd_beta=loss["beta"], temperature=loss["temperature"])(xs, w, xt, w, labels)
+    torch.testing.assert_close(liger, fused_linear_distill_ref(xs, xt, w, labels=labels, **loss), rtol=1e-5, atol=1e-6)
