@@ -268,10 +268,12 @@ def run_cases(
     quick: bool = False,
     excluded: tuple[str, ...] = (),
     progress: Callable[[Row], None] | None = None,
+    deadline: float | None = None,
 ) -> list[Row]:
     """Time every (shape, provider, mode) of a benchmark module. A case that cannot run is a row
     with its reason (skipped / missing / error), never dropped; ``excluded`` providers are rows
-    that say they were excluded. ``progress`` is called with each finished row."""
+    that say they were excluded, and so are the cases left when ``time.monotonic()`` passes
+    ``deadline``. ``progress`` is called with each finished row."""
     ceilings = ceilings or {"copy_gbps": copy_bandwidth_gbps(device), "matmul_tflops": matmul_tflops(device)}
     env = {**(env or environment(device)), **{k: round(v, 2) for k, v in ceilings.items()}}
     rows = []
@@ -284,6 +286,8 @@ def run_cases(
                 try:
                     if provider in excluded:
                         raise Skip(f"provider {provider} excluded from this run (--exclude-provider)")
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise Skip("the run's time budget ran out before this case (--time-budget)")
                     case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
                     if not (case.bytes or case.flops):
                         case.flops = counted.setdefault(mode, _count_flops(case.fn))

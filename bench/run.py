@@ -33,11 +33,11 @@ from . import harness
 
 OPS = {
     op: f"bench.bench_{op}"
-    for op in ("apply_fcot", "compress_project", "distill_step", "fused_linear_distill", "merged_attention",
-               "shuffle_merge_norm", "tome_merge")
+    for op in ("shuffle_merge_norm", "compress_project", "merged_attention", "tome_merge", "fused_linear_distill",
+               "apply_fcot", "distill_step")
 }
-"""Kernel benchmarks and the end-to-end ones (apply_fcot: image path and prefill at each ratio;
-distill_step: a stage-1 training step)."""
+"""Kernel benchmarks, then the end-to-end ones (apply_fcot: image path and prefill at each ratio;
+distill_step: a stage-1 training step), in the order a run takes them (a time budget cuts the last)."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_EXCLUDED = ("compile-max",)
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
         prog="fcot bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Subcommand: fcot bench report [DIR ...] renders the plots and docs/performance.md "
                "(fcot bench report --help).")
-    p.add_argument("--op", action="append", choices=sorted(OPS), help="op to benchmark (repeatable; default all)")
+    p.add_argument("--op", action="append", choices=list(OPS), help="op to benchmark (repeatable; default all, in this order)")
     p.add_argument("--quick", action="store_true", help="smoke run: CPU shapes, fewer timed runs, compile-max excluded")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<device>/<date>-<short commit>/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on a GPU, fp32 on a CPU")
@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-table", type=Path, default=None,
                    help="on a GPU, fold the backend timings into this dispatch table (default: the package's "
                         "fcot_kernels/dispatch_table.json); 'none' to skip")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop timing after this many seconds: the cases left are rows that say so (a GPU lease)")
     p.add_argument("--report", action="store_true",
                    help="then render the plots and docs/performance.md (fcot bench report; a run outside "
                         "bench/results/ gets its performance.md in its own folder)")
@@ -94,6 +96,7 @@ def _cases(module, shapes, providers, modes) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None  # counts the ceilings too
     from tqdm.auto import tqdm
 
     device = harness.default_device()
@@ -108,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
     print(f"{env['device_name']}: copy {ceilings['copy_gbps']:.1f} GB/s, "
           f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s; "
           f"commit {env['commit'][:12]}{' (dirty)' if env.get('dirty') else ''}; writing {out}", flush=True)
-    modules = {op: importlib.import_module(OPS[op]) for op in args.op or sorted(OPS)}
+    modules = {op: importlib.import_module(OPS[op]) for op in sorted(args.op or OPS, key=list(OPS).index)}
     total = sum(_cases(m, _shapes(m, which), args.provider, args.mode) for m in modules.values())
     bar = tqdm(total=total, unit="case", disable=args.no_progress, dynamic_ncols=True)
 
@@ -120,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
     for op, module in modules.items():
         rows = harness.run_cases(op, module, device=device, dtype=dtype, shapes=_shapes(module, which),
                                  providers=args.provider, modes=_modes(module, args.mode), ceilings=ceilings, env=env,
-                                 quick=args.quick, excluded=excluded, progress=progress)
+                                 quick=args.quick, excluded=excluded, progress=progress, deadline=deadline)
         bar.write(f"\n== {op} ({str(dtype).replace('torch.', '')}, {device.type})\n{harness.format_table(rows)}")
         all_rows += rows
         harness.write_results(all_rows, out, "bench")  # rewritten after each op: partial runs keep data

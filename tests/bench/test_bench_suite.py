@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 import sys
+import time
 import types
 
 import pytest
@@ -139,6 +140,13 @@ def test_harness_statuses_exclusion_and_flop_counting():
     assert counted.status == "ok" and counted.bound == "compute"
     assert math.isclose(counted.tflops * 1e12 * counted.median_ms * 1e-3, 2 * 8**3, rel_tol=1e-6)
     assert rows[0].env == {"device_name": "cpu (test)", **CEILINGS}
+
+
+def test_cases_past_the_time_budget_are_rows_that_say_so():
+    rows = harness.run_cases("fake", _Fake, device=CPU, dtype=torch.float32, providers=["eager", "counted"],
+                             modes=["forward"], ceilings=CEILINGS, env={}, quick=True, deadline=time.monotonic() - 1)
+    assert [(r.status, r.note) for r in rows] == [
+        ("skipped", "skipped: the run's time budget ran out before this case (--time-budget)")] * 2
 
 
 def test_roofline_picks_the_binding_ceiling():
