@@ -9,7 +9,7 @@ DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" num
            accelerate peft safetensors pillow tqdm matplotlib pyyaml
 SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: env install demo test test-fast bench bench-quick bench-report bench-pytest clean
+.PHONY: env install demo test bench bench-quick bench-report bench-pytest clean
 
 env: $(VENV)/.deps
 $(VENV)/.deps: Makefile
