@@ -290,7 +290,9 @@ def run_cases(
                         raise Skip("the run's time budget ran out before this case (--time-budget)")
                     case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
                     if not (case.bytes or case.flops):
-                        case.flops = counted.setdefault(mode, _count_flops(case.fn))
+                        if mode not in counted:  # once per shape and mode, on its first provider
+                            counted[mode] = _count_flops(case.fn)
+                        case.flops = counted[mode]
                     row.median_ms, row.p20_ms, row.p80_ms = time_fn(case.fn, device, quick=quick)
                     row.peak_mem_mb = peak_memory_mb(case.fn, device)
                 except Missing as why:

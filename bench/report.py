@@ -240,20 +240,18 @@ def op_table(run: Run, op: str) -> list[str]:
         if not any(_ms(r) is not None for r in g.values()):
             continue
         sp = speedups(g)
-
-        def x(name):
-            return _f(sp[name].get(best[0]) if best else None, ".2f") + ("x" if best and best[0] in sp[name] else "")
-
-        ref = best if best else eager  # the fcot kernel's ceiling fraction, else eager's (named)
-        ceil = (f"{100 * ref[1]['frac_ceiling']:.1f} ({ref[1]['bound']}{'' if best else ', ' + ref[0]})"
-                if ref and ref[1].get("frac_ceiling") else "-")
-        ref = ref[1] if ref else None
+        ratio = {name: sp[name].get(best[0]) if best else None for name in sp}
+        vs = {name: "-" if v is None else f"{v:.2f}x" for name, v in ratio.items()}
+        shown = best or eager  # the fcot kernel's ceiling fraction and memory, else eager's (named)
+        row = shown[1] if shown else {}
+        ceil = (f"{100 * row['frac_ceiling']:.1f} ({row['bound']}{'' if best else ', ' + shown[0]})"
+                if row.get("frac_ceiling") else "-")
         lines.append(
             f"| {shape} | {mode} | {_f(_ms(best[1]), '.3f') + f' ({best[0]})' if best else 'not timed'} | "
             f"{_f(_ms(eager[1]), '.3f') + ('' if eager[0] == 'eager' else f' ({eager[0]})') if eager else '-'} | "
             f"{_f(_ms(g.get('compile')), '.3f')} | {_f(_ms(g.get('compile-max')), '.3f')} | "
-            f"{_f(_ms(peer[1]), '.3f') + f' ({peer[0]})' if peer else '-'} | {x('eager')} | {x('compile')} | "
-            f"{x('peer')} | {ceil} | {_f(ref.get('peak_mem_mb') if ref else None, '.1f')} |")
+            f"{_f(_ms(peer[1]), '.3f') + f' ({peer[0]})' if peer else '-'} | {vs['eager']} | {vs['compile']} | "
+            f"{vs['peer']} | {ceil} | {_f(row.get('peak_mem_mb'), '.1f')} |")
     notes = sorted({f"{r['provider']}: {r['note']}" for r in run.rows
                     if r["op"] == op and r.get("status") in ("missing", "error")})
     if notes:
