@@ -102,7 +102,7 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise MergeError(f"weights={weights}: every weight must be finite and >= 0")
     top = max(weights)
     if top <= 0:
-        raise MergeError(f"weights={weights}: the weights sum to 0; at least one must be positive")
+        raise MergeError(f"weights={weights}: the weights sum to 0.0; at least one must be positive")
     # Scale by the largest first: the sum of huge weights (1e308 + 1e308) would overflow to inf.
     scaled = [w / top for w in weights]
     total = math.fsum(scaled)
