@@ -174,7 +174,8 @@ def _holder_text(info: dict[str, Any]) -> str:
 class FolderLock:
     """An exclusive lock on a folder for this process (see the module docstring). ``what`` names
     the folder in messages (``common.output_dir='runs/a'``). Taking a lock this process already
-    holds returns it (one run after another in one process); :meth:`release` drops it."""
+    holds returns it (re-entrant: each :meth:`release` undoes one :meth:`acquire`; ``force`` drops
+    it whatever the count)."""
 
     _held: dict[str, "FolderLock"] = {}
 
@@ -183,11 +184,13 @@ class FolderLock:
         self.path = lock_path(folder)
         self.what = what or repr(str(folder))
         self._fd: int | None = None
+        self._depth = 0
 
     def acquire(self) -> "FolderLock":
         key = str(self.path)
         held = FolderLock._held.get(key)
         if held is not None and held._fd is not None:
+            held._depth += 1
             return held
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
@@ -211,7 +214,7 @@ class FolderLock:
                         "command": " ".join(["fcot" if prog == "__main__.py" else prog, *sys.argv[1:]])[:300]}
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-                self._fd = fd
+                self._fd, self._depth = fd, 1
                 FolderLock._held[key] = self
                 return self
             except BaseException:
@@ -239,8 +242,11 @@ class FolderLock:
                 f"folder. The lock is {self.path}: a lock whose process is gone is taken over automatically; delete "
                 "it by hand only if that run is on another host and is no longer running")
 
-    def release(self) -> None:
+    def release(self, *, force: bool = False) -> None:
         if self._fd is None:
+            return
+        self._depth -= 1
+        if self._depth > 0 and not force:
             return
         try:
             os.unlink(self.path)  # before unlocking: a waiter that opened the old file sees it is gone
@@ -251,10 +257,11 @@ class FolderLock:
         FolderLock._held.pop(str(self.path), None)
 
     def __enter__(self) -> "FolderLock":
-        return self.acquire()
+        self._entered = self.acquire()  # the lock this process already holds, when it does
+        return self._entered
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        self._entered.release()
 
 
 def _try_flock(fd: int) -> bool:
@@ -715,7 +722,7 @@ def finish_run(trainer, cfg: RunConfig) -> dict[str, Any]:
             raise
         lock = run_lock(out)
         if lock is not None:
-            lock.release()
+            lock.release(force=True)
     return counts
 
 
