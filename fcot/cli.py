@@ -322,12 +322,34 @@ def _add_debug(parser: argparse.ArgumentParser, *, top: bool = True) -> None:
 _USER_ERRORS = (ValueError, OSError, KeyError)
 
 
+def _file_being_read(e: BaseException) -> str | None:
+    """The file fcot's code was reading when ``e`` was raised: a local named ``path`` or ``file``
+    that is an existing file, in the innermost ``fcot`` frame that has one (PIL's 'image file is
+    truncated' and torch's load errors do not say which file)."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if not frame.f_globals.get("__name__", "").startswith("fcot"):
+            continue
+        for name in ("path", "file", "filename"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                return str(value)
+    return None
+
+
 def error_line(e: BaseException, *, debug: bool = False) -> str:
     """One line for an exception: its message for user errors (bad input, a damaged or missing
     file, a full disk); for anything else also its type and a pointer to ``--debug``."""
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
         text += f": {e.filename}"
+    elif not isinstance(e, ValueError):  # ValueErrors name their file already; PIL's and torch's often do not
+        where = _file_being_read(e)
+        if where is not None and where not in text:
+            text += f" (reading {where})"
     if type(e).__name__ == "SafetensorError":  # safetensors' own error: no file name in it
         text = f"a safetensors file is damaged ({text}); --debug shows which, or check the files with fcot merge"
     elif not isinstance(e, _USER_ERRORS):
