@@ -25,6 +25,7 @@ checkpoint ``--resume`` continues from). The model part of a checkpoint is the c
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
@@ -215,6 +216,8 @@ class FolderLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
                 self._fd, self._depth = fd, 1
+                if not FolderLock._held:
+                    atexit.register(_release_all)  # a run that fails leaves no lock file behind
                 FolderLock._held[key] = self
                 return self
             except BaseException:
@@ -262,6 +265,11 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self._entered.release()
+
+
+def _release_all() -> None:
+    for lock in list(FolderLock._held.values()):
+        lock.release(force=True)
 
 
 def _try_flock(fd: int) -> bool:

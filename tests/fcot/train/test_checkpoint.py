@@ -69,7 +69,7 @@ def _holder(folder: Path):
 # --------------------------------------------------------------------------------------------- lock
 
 
-def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(data, tmp_path):
+def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(data, tmp_path, capsys):
     out = tmp_path / "run"
     proc = _holder(out)
     try:
@@ -78,6 +78,14 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(data, tm
         msg = str(e.value)
         assert f"pid {proc.pid} on host {socket.gethostname()}" in msg and "started" in msg
         assert "common.output_dir=" in msg and str(lock_path(out)) in msg
+        # the case: `fcot distill` into a folder another run is writing, even with --overwrite
+        from fcot.cli import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(["distill", "--model", "tiny", "--output-dir", str(out), "--overwrite", "--set", f"data.jsonl={data}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and err[-1].startswith("fcot distill: error: common.output_dir=")
+        assert f"is in use by another run: pid {proc.pid}" in err[-1] and not out.exists()
     finally:
         proc.kill()
         proc.wait()
@@ -86,6 +94,15 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(data, tm
     assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
     lock.release()
     assert not lock_path(out).exists()
+
+
+def test_a_process_that_ends_with_an_error_leaves_no_lock_file(tmp_path):
+    code = ("import sys\nfrom fcot.train.checkpoint import FolderLock\n"
+            "FolderLock(sys.argv[1]).acquire()\nraise SystemExit('a config error')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.returncode == 1 and "a config error" in proc.stderr
+    assert not lock_path(tmp_path / "run").exists()
 
 
 def test_stale_and_foreign_locks(tmp_path, caplog):
