@@ -227,6 +227,7 @@ def test_cli_distill_merge_posttrain(data, tmp_path, capsys):
     assert "compressed with compressor='avg'" in err and "already compressed" in err and "common.ratio" in err
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "check.py"
