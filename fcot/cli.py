@@ -319,7 +319,7 @@ def _add_debug(parser: argparse.ArgumentParser, *, top: bool = True) -> None:
 
 
 # Errors whose message is written for the user (it names the file or option and the fix).
-_USER_ERRORS = (ValueError, OSError, KeyError)
+_USER_ERRORS = (ValueError, OSError)
 
 
 def _file_being_read(e: BaseException) -> str | None:
@@ -344,18 +344,20 @@ def error_line(e: BaseException, *, debug: bool = False) -> str:
     """One line for an exception: its message for user errors (bad input, a damaged or missing
     file, a full disk); for anything else also its type and a pointer to ``--debug``."""
     text = " ".join(str(e).split()) or type(e).__name__
+    disk_full = "no space left on device" in text.lower()
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
         text += f": {e.filename}"
-    elif not isinstance(e, ValueError):  # ValueErrors name their file already; PIL's and torch's often do not
+    elif not isinstance(e, ValueError) and not disk_full:
+        # ValueErrors name their file already; PIL's, torch's and safetensors' errors often do not
         where = _file_being_read(e)
+        if type(e).__name__ == "SafetensorError":
+            return (f"{where or 'a safetensors file'} is damaged ({text}): it is truncated or not a safetensors "
+                    "file; copy or save it again" + ("" if where or debug else " (--debug shows where)"))
         if where is not None and where not in text:
             text += f" (reading {where})"
-    if type(e).__name__ == "SafetensorError":  # safetensors' own error: no file name in it
-        text = f"a safetensors file is damaged ({text}); --debug shows which, or check the files with fcot merge"
-    elif not isinstance(e, _USER_ERRORS):
+    if not isinstance(e, _USER_ERRORS):
         text = f"{type(e).__name__}: {text}"
-    if not debug and not isinstance(e, (ValueError, FileExistsError, FileNotFoundError)) \
-            and "no space left on device" not in text:
+    if not debug and not disk_full and not isinstance(e, (ValueError, FileExistsError, FileNotFoundError)):
         text += " (run with --debug, or FCOT_DEBUG=1, for the traceback)"
     return text
 

@@ -590,9 +590,8 @@ def _rmdir_if_empty(folder: str | os.PathLike) -> None:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    """Rank 0 of a torchrun/accelerate job (from the environment: the process group does not exist yet)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_run(cfg: RunConfig, *, resume: bool) -> str | None:
@@ -606,9 +605,10 @@ def check_run(cfg: RunConfig, *, resume: bool) -> str | None:
     check_output_dir(cfg, resume=resume)
     if not resume:
         return None
-    if _is_main_process():
+    main = _is_main_process()
+    if main:
         clean_interrupted_writes(out)
-    return last_checkpoint(out)
+    return last_checkpoint(out, move_damaged=main)
 
 
 def clean_interrupted_writes(output_dir: str | os.PathLike) -> None:
@@ -656,10 +656,11 @@ def _newest_intact(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def last_checkpoint(output_dir: str) -> str:
+def last_checkpoint(output_dir: str, *, move_damaged: bool = True) -> str:
     """The newest checkpoint whose files match its manifest. Newer damaged ones are moved to
-    ``output_dir/.damaged/`` (nothing is deleted) with a warning naming the bad file; with no
-    intact one the error names each bad file and how to start over."""
+    ``output_dir/.damaged/`` (nothing is deleted; ``move_damaged``: the main process only) with a
+    warning naming the bad file; with no intact one the error names each bad file and how to
+    start over."""
     ckpts = _checkpoints(output_dir) if os.path.isdir(output_dir) else []
     if not ckpts:
         raise CheckpointError(f"--resume: common.output_dir={output_dir!r} holds no checkpoint-N folder to resume "
@@ -668,7 +669,7 @@ def last_checkpoint(output_dir: str) -> str:
     for ckpt in ckpts:
         why = verify_checkpoint(ckpt)
         if why is None:
-            for damaged, reason in bad:
+            for damaged, reason in bad if move_damaged else ():
                 dest = Path(output_dir) / DAMAGED / damaged.name
                 dest.parent.mkdir(exist_ok=True)
                 if dest.exists():

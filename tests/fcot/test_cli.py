@@ -144,3 +144,29 @@ def test_eval_set_with_a_damaged_png(eval_setup, tmp_path, capsys, damage):
         assert str(image) in _one_error_line(err, "eval")
     else:
         assert rc == 0 and str(image) in out + err
+
+
+def test_error_line_for_errors_without_a_file_name(tmp_path):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from fcot.cli import error_line
+
+    assert error_line(ValueError("x.yaml: bad\n  option")) == "x.yaml: bad option"
+    assert error_line(RuntimeError("boom")) == "RuntimeError: boom (run with --debug, or FCOT_DEBUG=1, for the traceback)"
+    assert error_line(RuntimeError("boom"), debug=True) == "RuntimeError: boom"
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
+    assert error_line(full) == f"[Errno 28] No space left on device: '{tmp_path / 'f'}'"
+    assert error_line(SafetensorError("Error while deserializing header: header too small")).startswith(
+        "a safetensors file is damaged (Error while deserializing header: header too small)")
+    # raised in fcot code that was reading a file: the line names it
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+
+    # a reader whose frame belongs to an fcot module (only fcot's frames are searched)
+    namespace = {"SafetensorError": SafetensorError, "__name__": "fcot.some_reader"}
+    exec("def _reader(path):\n    raise SafetensorError('Error while deserializing header: header too small')\n", namespace)
+    with pytest.raises(SafetensorError) as e:
+        namespace["_reader"](str(weights))
+    assert error_line(e.value).startswith(f"{weights} is damaged (Error while deserializing header")
