@@ -132,8 +132,17 @@ class ModelFamily:
              trust_remote_code: bool = False) -> Loaded:
         raise NotImplementedError
 
+    def check_generate(self, model: nn.Module) -> None:
+        """Raise a clear :class:`FcotError` when ``generate`` cannot run on this model here (checked
+        before the first forward)."""
+
     def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         """``(B, new)``: the generated tokens after the prompt (greedy unless ``kwargs`` say otherwise)."""
+        raise NotImplementedError
+
+    def prefill(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """One forward of a batch of prompts (``input_ids``, ``attention_mask``, optional
+        ``pixel_values``), as ``generate``'s prefill runs it: what latency measurements time."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -226,5 +226,8 @@ class InternVLFamily(ModelFamily):
         out = model.generate(**inputs, **kwargs)
         return out[:, inputs["input_ids"].shape[1]:]
 
+    def prefill(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        return model(**inputs, use_cache=True)
+
 
 FAMILY = InternVLFamily()
