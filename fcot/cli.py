@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _kernels_check(args: argparse.Namespace) -> int:
@@ -166,7 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
                         raise EvalSetError(f"{args.predictions}:{n}: expected {{'id': str, 'prediction': str}}")
                     preds[row["id"]] = row["prediction"]
         means, _ = score_predictions(load_eval_set(args.eval_set, args.image_root, max_pixels=args.max_pixels)[:args.limit],
-                                     preds, answer_pattern=args.answer_pattern)
+                                     preds, answer_pattern=args.answer_pattern, metric_options=_metric_options(args))
         print("  ".join(f"{k}={100 * v:.2f}%" for k, v in means.items()))
         return 0
     if not args.models:
@@ -179,11 +180,27 @@ def _eval(args: argparse.Namespace) -> int:
                        limit=args.limit, out=args.out, device=args.device, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet,
                        trust_remote_code=args.trust_remote_code, answer_pattern=args.answer_pattern,
-                       image_root=args.image_root, max_pixels=args.max_pixels)
+                       image_root=args.image_root, max_pixels=args.max_pixels, metric_options=_metric_options(args))
     print(format_table(results))
     if args.out:
         print(f"wrote {args.out}/eval.json and {args.out}/predictions/")
     return 0
+
+
+def _metric_options(args: argparse.Namespace) -> dict[str, dict]:
+    """``--metric-option METRIC.KEY=VALUE`` (repeatable) -> ``{metric: {key: value}}``; numbers become floats."""
+    options: dict[str, dict] = {}
+    for item in args.metric_option or []:
+        key, sep, value = item.partition("=")
+        metric, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--metric-option {item!r}: expected METRIC.KEY=VALUE, e.g. anls.convention=paper")
+        try:
+            parsed: Any = float(value)
+        except ValueError:
+            parsed = value
+        options.setdefault(metric, {})[name] = parsed
+    return options
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -232,6 +249,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--answer-pattern", default=DEFAULT_ANSWER_PATTERN,
                    help="regex whose last match's group is the answer scored (chain-of-thought outputs; raw text kept in "
                         "the predictions); 'none' scores the raw text (default: the text after the last 'Answer:')")
+    p.add_argument("--metric-option", action="append", metavar="METRIC.KEY=VALUE",
+                   help="a metric's non-default convention (repeatable): anls.convention=paper, anls.threshold=0.5, "
+                        "vqa_accuracy.convention=vqav2, relaxed_accuracy.tolerance=0.05 (docs/eval.md)")
     p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the JSONL's folder)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels are skipped and counted (default %(default)s)")

@@ -56,7 +56,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from fcot.eval.answer import DEFAULT_ANSWER_PATTERN, compile_answer_pattern, extract_answer
-from fcot.eval.metrics import METRICS, score
+from fcot.eval.metrics import METRICS, check_metric_options, score
 
 IMAGE = "<image>"
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -203,12 +203,15 @@ def load_eval_set(jsonl: str | os.PathLike, image_root: str | os.PathLike | None
 
 def score_predictions(questions: Sequence[Question], predictions: dict[str, str],
                       metrics: Sequence[str] = tuple(METRICS), *,
-                      answer_pattern: str | re.Pattern | None = DEFAULT_ANSWER_PATTERN) -> tuple[dict[str, float], list[dict]]:
+                      answer_pattern: str | re.Pattern | None = DEFAULT_ANSWER_PATTERN,
+                      metric_options: dict[str, dict] | None = None) -> tuple[dict[str, float], list[dict]]:
     """Mean of each metric, and per-question rows; every question needs a prediction and every
     prediction a question. Each raw prediction is reduced to its final answer
     (:func:`~fcot.eval.answer.extract_answer` with ``answer_pattern``) before scoring; a row
-    holds the scored ``prediction``, the ``raw`` text and whether an answer line was ``extracted``."""
+    holds the scored ``prediction``, the ``raw`` text and whether an answer line was ``extracted``.
+    ``metric_options`` (``{metric: {option: value}}``) selects a metric's non-default convention."""
     pattern = compile_answer_pattern(answer_pattern)
+    options = check_metric_options(metric_options)
     known = {q.qid for q in questions}
     unknown = sorted(set(predictions) - known)
     if unknown:
@@ -222,7 +225,7 @@ def score_predictions(questions: Sequence[Question], predictions: dict[str, str]
         raw = predictions[q.qid]
         p, found = extract_answer(raw, pattern)
         rows.append({"id": q.qid, "prediction": p, "raw": raw, "extracted": found, "answers": q.answers,
-                     **{m: score(m, p, q.answers) for m in metrics}})
+                     **{m: score(m, p, q.answers, **options.get(m, {})) for m in metrics}})
     return {m: sum(r[m] for r in rows) / len(rows) for m in metrics}, rows
 
 
@@ -349,7 +352,8 @@ class ModelResult:
 def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, name: str, role: str,
                    batch_size: int = 16, max_new_tokens: int = 16, max_tiles: int = 12, latency_samples: int = 8,
                    metrics: Sequence[str] = tuple(METRICS), progress: bool = True, path: str = "",
-                   answer_pattern: str | re.Pattern | None = DEFAULT_ANSWER_PATTERN) -> ModelResult:
+                   answer_pattern: str | re.Pattern | None = DEFAULT_ANSWER_PATTERN,
+                   metric_options: dict[str, dict] | None = None) -> ModelResult:
     """Answer and score ``questions`` with one (possibly fcot-patched) model."""
     from tqdm import tqdm
 
@@ -370,7 +374,8 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
         bar.update(len(chunk))
     bar.close()
     latency = statistics.median(ans.prefill_ms(e) for e in encoded[:max(1, latency_samples)])
-    means, rows = score_predictions(questions, predictions, metrics, answer_pattern=answer_pattern)
+    means, rows = score_predictions(questions, predictions, metrics, answer_pattern=answer_pattern,
+                                    metric_options=metric_options)
     mem, kind = peak_memory_mb(device)
     section = getattr(model.config, "fcot", None) or {}
     return ModelResult(
@@ -464,7 +469,7 @@ def check_options(*, compressors: Sequence[str] = (), ratios: Sequence[float] = 
                   models: Sequence[str] = (), batch_size: int = 16, max_new_tokens: int = 16, max_tiles: int = 12,
                   latency_samples: int = 8, metrics: Sequence[str] = tuple(METRICS), limit: int | None = None,
                   device: str = "cpu", answer_pattern: Any = DEFAULT_ANSWER_PATTERN, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  progress: bool = True, **unknown: Any) -> None:
+                  progress: bool = True, metric_options: dict[str, dict] | None = None, **unknown: Any) -> None:
     """Every option of :func:`evaluate`, checked before anything loads."""
     from fcot.compress import get_compressor
 
@@ -479,6 +484,7 @@ def check_options(*, compressors: Sequence[str] = (), ratios: Sequence[float] = 
     if bad or not metrics:
         raise ValueError(f"metrics={list(metrics)!r}: expected one or more of {sorted(METRICS)}")
     compile_answer_pattern(answer_pattern)
+    check_metric_options(metric_options)
     try:
         torch.device(device)
     except (RuntimeError, TypeError) as e:
