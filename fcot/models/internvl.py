@@ -156,6 +156,7 @@ class InternVLFamily(ModelFamily):
 
     model_type = "internvl"
     description = "transformers-native InternVL (InternVLForConditionalGeneration, -hf checkpoints)"
+    auto_classes = ("AutoModel", "AutoModelForImageTextToText")
 
     def patch(self, model, processor, compressor, patch) -> None:
         patch_internvl(model, processor, compressor, patch)

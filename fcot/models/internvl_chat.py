@@ -156,6 +156,7 @@ class InternVLChatFamily(ModelFamily):
     model_type = "internvl_chat"
     description = "OpenGVLab remote-code InternVL2/2.5 (InternVLChatModel, trust_remote_code=True)"
     needs_remote_code = True
+    auto_classes = ("AutoModel", "AutoModelForCausalLM")
 
     def patch(self, model, processor, compressor, patch) -> None:
         patch_internvl_chat(model, processor, compressor, patch)
