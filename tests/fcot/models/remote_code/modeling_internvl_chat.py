@@ -45,8 +45,8 @@ class InternVLChatModel(PreTrainedModel):
         self.img_context_token_id = None
         self.conv_template = get_conv_template(self.template)
         self.system_message = self.conv_template.system_message
-        # OpenGVLab's code does not call post_init; transformers >= 4.52 needs it (one of the two
-        # upstream fixes for 4.52+): the stand-in is the fixed code, so it loads on 4.x and 5.x.
+        # OpenGVLab's code does not call post_init; transformers 5.x needs it to load the model
+        # (all_tied_weights_keys): the stand-in has that fix, so it loads on 4.51 and 5.x.
         self.post_init()
 
     def _init_weights(self, module):
