@@ -33,8 +33,8 @@ Every option and every model folder is validated before the first model loads; w
 exist (``"complete": false`` until the last one).
 
 Per model it reports each metric's mean, visual tokens per image (tokens per tile x tiles),
-prefill latency (median of batch-1 forwards over the first ``latency_samples`` questions, after
-a warm-up) and peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the process's
+prefill latency (batch-1 forwards of the first ``latency_samples`` questions in three
+interleaved rounds, each after a warm-up; median with p20/p80) and peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the process's
 peak resident set size (``ru_maxrss``), which includes everything loaded before and only grows,
 as the JSON's ``memory_kind`` says.
 """
@@ -298,12 +298,12 @@ class Answerer:
         return inputs
 
     @torch.no_grad()
-    def prefill_ms(self, encoded, repeats: int = 3) -> float:
-        """Median of ``repeats`` timed batch-1 forwards after one warm-up."""
+    def prefill_ms(self, encoded, repeats: int = 3) -> list[float]:
+        """``repeats`` timed batch-1 forwards (ms) after one warm-up."""
         inputs = self.batch([encoded])
         return self._time(lambda: self.family.prefill(self.model, inputs), repeats)
 
-    def _time(self, fn, repeats: int) -> float:
+    def _time(self, fn, repeats: int) -> list[float]:
         fn()  # warm-up
         times = []
         for _ in range(repeats):
@@ -314,7 +314,7 @@ class Answerer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return times
 
     @torch.no_grad()
     def generate(self, encoded) -> list[str]:
@@ -346,6 +346,8 @@ class ModelResult:
     path: str = ""
     family: str = ""
     answers_extracted: int = 0
+    prefill_ms_p20: float = 0.0
+    prefill_ms_p80: float = 0.0
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -373,7 +375,12 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
             predictions[q.qid] = text
         bar.update(len(chunk))
     bar.close()
-    latency = statistics.median(ans.prefill_ms(e) for e in encoded[:max(1, latency_samples)])
+    # Repeats interleaved over the questions (round r times every sampled question once), so a
+    # burst of load on the machine hits all of them alike; median and p20/p80 of all timings.
+    sampled = encoded[:max(1, latency_samples)]
+    times = [t for _ in range(3) for e in sampled for t in ans.prefill_ms(e, repeats=1)]
+    latency = statistics.median(times)
+    p20, _, _, p80 = statistics.quantiles(times, n=5) if len(times) > 1 else [latency] * 4
     means, rows = score_predictions(questions, predictions, metrics, answer_pattern=answer_pattern,
                                     metric_options=metric_options)
     mem, kind = peak_memory_mb(device)
@@ -381,7 +388,7 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
     return ModelResult(
         name=name, role=role, compressor=section.get("compressor", "none"), ratio=float(section.get("ratio", 0.0)),
         tokens_per_tile=ans.tokens_per_tile, visual_tokens_per_image=ans.tokens_per_tile * sum(e[2] for e in encoded) / len(encoded),
-        metrics=means, prefill_ms=latency, peak_memory_mb=mem, memory_kind=kind, n_questions=len(questions), path=path,
+        metrics=means, prefill_ms=latency, prefill_ms_p20=p20, prefill_ms_p80=p80, peak_memory_mb=mem, memory_kind=kind, n_questions=len(questions), path=path,
         family=ans.family.model_type, answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
     )
 
@@ -454,13 +461,18 @@ def check_model_folder(path: str | os.PathLike, *, trust_remote_code: bool = Fal
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ValueError(f"model {str(p)!r} has no tokenizer files (tokenizer.json / tokenizer_config.json): save the "
                          "tokenizer into the model folder")
+    from fcot.models.autoload import AUTOLOAD_MODULE
+
     auto_map = config.get("auto_map") or {}
-    if auto_map and not trust_remote_code:
+    refs = [ref[0] if isinstance(ref, list) else ref for ref in auto_map.values() if ref]
+    # fcot's own loader (fcot_autoload.py) is not run by fcot eval: load_compressed builds the model
+    own_code = [r for r in refs if not r.startswith(f"{AUTOLOAD_MODULE}.")]
+    if own_code and not trust_remote_code:
         raise ValueError(f"model {str(p)!r} ({family.model_type}) loads with its own code (auto_map {sorted(auto_map)}): "
                          "pass --trust-remote-code (trust_remote_code=True) if you trust that folder")
-    for ref in auto_map.values():
-        module = (ref[0] if isinstance(ref, list) else ref).split("--")[-1].rsplit(".", 1)[0]
-        if "--" not in (ref[0] if isinstance(ref, list) else ref) and not (p / f"{module}.py").is_file():
+    for ref in refs:
+        module = ref.split("--")[-1].rsplit(".", 1)[0]
+        if "--" not in ref and not (p / f"{module}.py").is_file():
             raise ValueError(f"model {str(p)!r}: config.json's auto_map names {module}.py, which the folder lacks")
     return config
 
