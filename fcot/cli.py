@@ -172,15 +172,26 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.models:
         raise ValueError("give at least one MODEL folder (or --predictions FILE)")
+    from fcot.train.checkpoint import check_safetensors_files
+
+    for model in args.models:  # a truncated weights file fails here, by name, before any model runs
+        if os.path.isdir(model):
+            check_safetensors_files(model)
     if args.ratio is not None and not args.compressor:
         import warnings
 
         warnings.warn("--ratio has no effect without --compressor (it sets the training-free compression ratio)", stacklevel=1)
+    from fcot.eval.run import EvalSkips
+
+    skips = EvalSkips(args.eval_set)
     results = evaluate(args.models, args.eval_set, compressors=args.compressor or (), ratios=args.ratio or [0.5], names=args.name,
                        limit=args.limit, out=args.out, device=args.device, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet,
                        trust_remote_code=args.trust_remote_code, answer_pattern=args.answer_pattern,
-                       image_root=args.image_root, max_pixels=args.max_pixels, metric_options=_metric_options(args))
+                       image_root=args.image_root, max_pixels=args.max_pixels, metric_options=_metric_options(args),
+                       skips=skips)
+    if skips.skipped:
+        print(f"skipped records: {skips}", file=sys.stderr)
     print(format_table(results))
     if args.out:
         print(f"wrote {args.out}/eval.json and {args.out}/predictions/")
@@ -221,7 +232,6 @@ def _add_eval(sub) -> None:
     from fcot.compress import COMPRESSORS
 
     from fcot.eval.answer import DEFAULT_ANSWER_PATTERN
-    from fcot.eval.run import DEFAULT_MAX_PIXELS
 
     p = sub.add_parser("eval", help="answer a JSONL eval set with generate and score it (EM, ANLS, relaxed, VQA acc)",
                        description="Each MODEL is an InternVL folder (transformers-native 'internvl', or OpenGVLab "
@@ -253,8 +263,9 @@ def _add_eval(sub) -> None:
                    help="a metric's non-default convention (repeatable): anls.convention=paper, anls.threshold=0.5, "
                         "vqa_accuracy.convention=vqav2, relaxed_accuracy.tolerance=0.05 (docs/eval.md)")
     p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the JSONL's folder)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="images with more pixels are skipped and counted (default %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="images with more pixels are skipped and counted (default: FCOT_MAX_IMAGE_PIXELS, else "
+                        "40,000,000; 0 turns the cap off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_eval)
 
@@ -327,12 +338,71 @@ def main(argv: list[str] | None = None) -> int:
     _add_data(sub)
     _add_merge(sub)
     _add_train(sub)
+    _add_debug(parser)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Bad input (a config, a checkpoint, a path): one line naming what to fix, no traceback.
-        parser.exit(2, f"fcot {args.command}: error: {e}\n")
+    except Exception as e:  # noqa: BLE001 -- every failure becomes one line (the traceback behind --debug)
+        debug = args.debug or os.environ.get("FCOT_DEBUG", "") not in ("", "0")
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        parser.exit(2, f"fcot {args.command}: error: {error_line(e, debug=debug)}\n")
+
+
+def _add_debug(parser: argparse.ArgumentParser, *, top: bool = True) -> None:
+    """``--debug`` on every (sub)command: ``fcot eval ... --debug`` and ``fcot --debug eval ...``."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on an error, also print the full traceback (or set FCOT_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_debug(sub, top=False)
+
+
+# Errors whose message is written for the user (it names the file or option and the fix).
+_USER_ERRORS = (ValueError, OSError)
+
+
+def _file_being_read(e: BaseException) -> str | None:
+    """The file fcot's code was reading when ``e`` was raised: a local named ``path`` or ``file``
+    that is an existing file, in the innermost ``fcot`` frame that has one (PIL's 'image file is
+    truncated' and torch's load errors do not say which file)."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if not frame.f_globals.get("__name__", "").startswith("fcot"):
+            continue
+        for name in ("path", "file", "filename"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                return str(value)
+    return None
+
+
+def error_line(e: BaseException, *, debug: bool = False) -> str:
+    """One line for an exception: its message for user errors (bad input, a damaged or missing
+    file, a full disk); for anything else also its type and a pointer to ``--debug``."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    disk_full = "no space left on device" in text.lower()
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    elif not isinstance(e, ValueError) and not disk_full:
+        # ValueErrors name their file already; PIL's, torch's and safetensors' errors often do not
+        where = _file_being_read(e)
+        if type(e).__name__ == "SafetensorError":
+            return (f"{where or 'a safetensors file'} is damaged ({text}): it is truncated or not a safetensors "
+                    "file; copy or save it again" + ("" if where or debug else " (--debug shows where)"))
+        if where is not None and where not in text:
+            text += f" (reading {where})"
+    if not isinstance(e, _USER_ERRORS):
+        text = f"{type(e).__name__}: {text}"
+    if not debug and not disk_full and not isinstance(e, (ValueError, FileExistsError, FileNotFoundError)):
+        text += " (run with --debug, or FCOT_DEBUG=1, for the traceback)"
+    return text
 
 
 if __name__ == "__main__":

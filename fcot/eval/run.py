@@ -11,7 +11,7 @@ greedily in batches (left padding).
 
 Bad records never stop an evaluation: a line that is not JSON, a record without questions or
 answers, an image that is missing, empty (0 bytes), truncated / undecodable, or over the pixel
-cap is left out and counted by reason, each with ``file:line`` examples
+cap (:mod:`fcot.data.images`, shared with training) is left out and counted by reason, each with ``file:line`` examples
 (:class:`EvalSkips`, in ``eval.json`` under ``skipped``). All of it is checked when the set is
 read, before any model is loaded.
 
@@ -59,8 +59,6 @@ from fcot.eval.answer import DEFAULT_ANSWER_PATTERN, compile_answer_pattern, ext
 from fcot.eval.metrics import METRICS, check_metric_options, score
 
 IMAGE = "<image>"
-DEFAULT_MAX_PIXELS = 8192 * 8192
-"""Images with more pixels than this are skipped (``--max-pixels``): a decompression-bomb guard."""
 
 
 class EvalSetError(ValueError):
@@ -103,31 +101,27 @@ class EvalSkips:
         return head + f"; skipped {sum(self.skipped.values())}: " + "; ".join(parts)
 
 
-def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, str] | None:
+def check_image(path: Path, max_pixels: int | None = None) -> tuple[str, str] | None:
     """``(reason, detail)`` when ``path`` cannot be used as an image, else None: ``image_missing``,
-    ``image_empty`` (0 bytes), ``image_over_pixel_cap``, ``image_corrupt`` (not an image, or
-    truncated: the whole file is decoded)."""
-    from PIL import Image
+    ``image_empty`` (0 bytes), then the shared loader's typed errors
+    (:func:`fcot.data.images.load_image`, which decodes the whole file): ``image_too_large``
+    (over the pixel cap, refused before decoding) and ``corrupt_image`` (not an image, or
+    truncated)."""
+    from fcot.data.images import ImageError, load_image
 
     if not path.is_file():
         return "image_missing", f"{str(path)!r} does not exist"
     if path.stat().st_size == 0:
         return "image_empty", f"{str(path)!r} is 0 bytes"
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                return "image_over_pixel_cap", f"{str(path)!r} is {w}x{h} = {w * h} pixels, over the cap {max_pixels}"
-            im.load()
-    except Image.DecompressionBombError as e:
-        return "image_over_pixel_cap", f"{str(path)!r}: {e}"
-    except (OSError, ValueError, SyntaxError) as e:
-        return "image_corrupt", f"{str(path)!r} cannot be decoded ({type(e).__name__}: {e})"
+        load_image(path, max_pixels=max_pixels, mode=None).close()
+    except ImageError as e:
+        return e.reason, str(e)
     return None
 
 
 def load_eval_set(jsonl: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, check_images: bool = True,
+                  max_pixels: int | None = None, check_images: bool = True,
                   skips: EvalSkips | None = None) -> list[Question]:
     """Questions with their reference answers from a records JSONL (see the module docstring).
     Bad records and images are skipped and counted in ``skips`` (pass an :class:`EvalSkips` to
@@ -480,16 +474,19 @@ def check_model_folder(path: str | os.PathLike, *, trust_remote_code: bool = Fal
 def check_options(*, compressors: Sequence[str] = (), ratios: Sequence[float] = (0.5,), names: Sequence[str] | None = None,
                   models: Sequence[str] = (), batch_size: int = 16, max_new_tokens: int = 16, max_tiles: int = 12,
                   latency_samples: int = 8, metrics: Sequence[str] = tuple(METRICS), limit: int | None = None,
-                  device: str = "cpu", answer_pattern: Any = DEFAULT_ANSWER_PATTERN, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  device: str = "cpu", answer_pattern: Any = DEFAULT_ANSWER_PATTERN, max_pixels: int | None = None,
                   progress: bool = True, metric_options: dict[str, dict] | None = None, **unknown: Any) -> None:
     """Every option of :func:`evaluate`, checked before anything loads."""
     from fcot.compress import get_compressor
 
     if unknown:
         raise TypeError(f"evaluate() got unexpected options {sorted(unknown)}")
+    from fcot.data.images import max_pixels_setting
+
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("max_tiles", max_tiles),
-                        ("latency_samples", latency_samples), ("max_pixels", max_pixels)):
+                        ("latency_samples", latency_samples)):
         _positive_int(name, value)
+    max_pixels_setting(max_pixels)  # None (FCOT_MAX_IMAGE_PIXELS or the default) or an int >= 0
     if limit is not None:
         _positive_int("limit", limit)
     bad = [m for m in metrics if m not in METRICS]
@@ -517,11 +514,12 @@ def check_options(*, compressors: Sequence[str] = (), ratios: Sequence[float] = 
 def evaluate(models: Sequence[str], eval_set: str | os.PathLike, *, compressors: Sequence[str] = (),
              ratios: Sequence[float] = (0.5,), names: Sequence[str] | None = None, limit: int | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", trust_remote_code: bool = False,
-             image_root: str | os.PathLike | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-             **kwargs: Any) -> list[ModelResult]:
+             image_root: str | os.PathLike | None = None, max_pixels: int | None = None,
+             skips: EvalSkips | None = None, **kwargs: Any) -> list[ModelResult]:
     """Evaluate model folders (and, for uncompressed ones, each training-free compressor x ratio).
     Options, model folders and the eval set are all checked before the first model loads; with
-    ``out`` the results are written as each model's exist (see the module docstring)."""
+    ``out`` the results are written as each model's exist (see the module docstring). Pass an
+    :class:`EvalSkips` as ``skips`` to read which records were left out."""
     check_options(compressors=compressors, ratios=ratios, names=names, models=models, limit=limit, device=device,
                   max_pixels=max_pixels, **kwargs)
     configs = [check_model_folder(path, trust_remote_code=trust_remote_code) for path in models]
@@ -529,7 +527,7 @@ def evaluate(models: Sequence[str], eval_set: str | os.PathLike, *, compressors:
         if compressors and "fcot" in config:
             raise ValueError(f"model {str(path)!r} is already compressed ({config['fcot'].get('compressor')}): --compressor "
                              "applies to uncompressed models only")
-    skips = EvalSkips(str(eval_set))
+    skips = skips if skips is not None else EvalSkips(str(eval_set))
     questions = load_eval_set(eval_set, image_root, max_pixels=max_pixels, skips=skips)[:limit]
     results: list[ModelResult] = []
 

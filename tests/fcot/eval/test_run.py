@@ -77,9 +77,10 @@ def test_bad_records_skipped_and_counted(tmp_path):
     skips = EvalSkips("s")
     qs = load_eval_set(tmp_path / "s.jsonl", max_pixels=200 * 200, skips=skips)
     assert [q.qid for q in qs] == ["r0#0", "r10#0"] and qs[0].images == [good]
-    assert skips.skipped == {"bad_json": 1, "image_empty": 1, "image_corrupt": 2, "image_over_pixel_cap": 1,
+    assert skips.skipped == {"bad_json": 1, "image_empty": 1, "corrupt_image": 2, "image_too_large": 1,
                              "image_missing": 1, "bad_schema": 2}
-    assert skips.examples["bad_json"][0].startswith("s.jsonl:2:") and "s.jsonl:4:" in skips.examples["image_corrupt"][0]
+    assert skips.examples["bad_json"][0].startswith("s.jsonl:2:") and "s.jsonl:4:" in skips.examples["corrupt_image"][0]
+    assert str(tmp_path / "cut.png") in skips.examples["corrupt_image"][0]
     assert skips.records == 10 and skips.questions == 2 and "skipped 8" in str(skips)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(EvalSetError, match="no usable questions.*bad_json=1"):
