@@ -344,6 +344,10 @@ def _total(flops: dict[str, float]) -> float:
     return flops["vit"] + flops["projector"] + flops["llm"] + flops["attention"]
 
 
+def _llm(flops: dict[str, float]) -> float:
+    return flops["llm"] + flops["llm_attention"]
+
+
 def _spread(times: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"median": statistics.median(times), "p20": qs[0], "p80": qs[3], "n": len(times)}
@@ -433,7 +437,7 @@ def prefill_comparison(*, vit_layers: int = 1, llm_layers: int = 1, tiles: int =
         r["speedup_total"] = base["total_ms"]["median"] / r["total_ms"]["median"]
         r["speedup_llm"] = base["llm_ms"]["median"] / r["llm_ms"]["median"]
         r["ideal_total"] = _total(base["gflops"]) / _total(r["gflops"])
-        r["ideal_llm"] = (base["gflops"]["llm"] + base["gflops"]["llm_attention"]) / (r["gflops"]["llm"] + r["gflops"]["llm_attention"])
+        r["ideal_llm"] = _llm(base["gflops"]) / _llm(r["gflops"])
         r["ideal_total_24_layers"] = _total(base["gflops_24_layers"]) / _total(r["gflops_24_layers"])
     name = "InternVL2-1B-shaped" if shapes is None else "toy-shaped"
     return {"model": f"{name}, random weights, {vit_layers}+{llm_layers} of {v['layers']}+{t['layers']} layers, vocab {vocab}, "

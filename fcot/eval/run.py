@@ -34,7 +34,8 @@ exist (``"complete": false`` until the last one).
 
 Per model it reports each metric's mean, visual tokens per image (tokens per tile x tiles),
 prefill latency (batch-1 forwards of the first ``latency_samples`` questions in three
-interleaved rounds, each after a warm-up; median with p20/p80) and peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the process's
+interleaved rounds, each after a warm-up; median with p20/p80) and peak memory:
+``torch.cuda.max_memory_allocated`` on a GPU; on CPU the process's
 peak resident set size (``ru_maxrss``), which includes everything loaded before and only grows,
 as the JSON's ``memory_kind`` says.
 """
@@ -382,7 +383,8 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
     return ModelResult(
         name=name, role=role, compressor=section.get("compressor", "none"), ratio=float(section.get("ratio", 0.0)),
         tokens_per_tile=ans.tokens_per_tile, visual_tokens_per_image=ans.tokens_per_tile * sum(e[2] for e in encoded) / len(encoded),
-        metrics=means, prefill_ms=latency, prefill_ms_p20=p20, prefill_ms_p80=p80, peak_memory_mb=mem, memory_kind=kind, n_questions=len(questions), path=path,
+        metrics=means, prefill_ms=latency, prefill_ms_p20=p20, prefill_ms_p80=p80, peak_memory_mb=mem, memory_kind=kind,
+        n_questions=len(questions), path=path,
         family=ans.family.model_type, answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
     )
 

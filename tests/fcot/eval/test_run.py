@@ -142,3 +142,74 @@ def test_cli_eval_ratio_without_compressor_warns(setup, capsys):
                      "--max-tiles", "1", "--max-new-tokens", "3", "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "teacher" in out and "tok/img" in out
+
+
+def test_cli_scores_predictions_with_options(tmp_path, capsys):
+    """--predictions with --answer-pattern and --metric-option: the scorer's conventions from the command line."""
+    _png(tmp_path / "a.png")
+    rec = {"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "ab"}]}
+    (tmp_path / "s.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "r#0", "prediction": "thinking...\nAnswer: ac"}) + "\n")
+    args = ["eval", "--predictions", str(tmp_path / "p.jsonl"), "--eval-set", str(tmp_path / "s.jsonl")]
+    assert main(args) == 0
+    assert "anls=50.00%" in capsys.readouterr().out                       # RRC: NL = 0.5 keeps 0.5
+    assert main(args + ["--metric-option", "anls.convention=paper"]) == 0
+    assert "anls=0.00%" in capsys.readouterr().out
+    assert main(args + ["--answer-pattern", "none"]) == 0                 # the raw text scored
+    assert "exact_match=0.00%" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(args + ["--metric-option", "anls.tolerance=0.1"])
+    assert "has no option" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--metric-option", "anls"])
+    assert "METRIC.KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--answer-pattern", "(a)(b)"])
+    assert "capturing groups" in capsys.readouterr().err
+
+
+def test_everything_checked_before_the_first_model_loads(setup, tmp_path, monkeypatch):
+    root, jsonl = setup
+    import fcot.eval.run as run
+
+    loads = []
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError("loaded")))
+    teacher = str(root / "teacher")
+    bad = [
+        (dict(models=[teacher, str(tmp_path / "nope")]), "does not exist"),
+        (dict(models=[teacher], compressors=["avg"], ratios=[0.3]), "does not support ratio=0.3"),
+        (dict(models=[teacher], batch_size=0), "batch_size=0"),
+        (dict(models=[teacher], names=["a", "b"]), "2 names for 1 models"),
+        (dict(models=[teacher, teacher], names=["a", "a"]), "each model needs its own name"),
+        (dict(models=[teacher], answer_pattern="("), "not a regular expression"),
+        (dict(models=[teacher], metric_options={"vqa_accuracy": {"convention": "x"}}), "convention='x'"),
+        (dict(models=[teacher], max_pixels=-1), "max_pixels=-1"),
+        (dict(models=[teacher], device="nonsense"), "device='nonsense'"),
+    ]
+    for kwargs, match in bad:
+        models = kwargs.pop("models")
+        with pytest.raises(ValueError, match=match):
+            evaluate(models, jsonl, out=tmp_path / "out", progress=False, **kwargs)
+    assert not loads and not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_results_written_as_each_model_finishes(setup, tmp_path, monkeypatch):
+    root, jsonl = setup
+    import fcot.eval.run as run
+
+    real = run.evaluate_model
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(k["name"])
+        if len(calls) == 2:
+            raise RuntimeError("the machine went away")
+        return real(*a, **k)
+
+    monkeypatch.setattr(run, "evaluate_model", second_fails)
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate([str(root / "teacher")], jsonl, compressors=["avg"], ratios=[0.5], out=tmp_path, batch_size=5,
+                 max_new_tokens=2, max_tiles=1, progress=False, latency_samples=1)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["complete"] is False and [m["name"] for m in data["models"]] == ["teacher"]
+    assert (tmp_path / "predictions" / "teacher.jsonl").is_file() and data["skipped"]["questions"] == 5
