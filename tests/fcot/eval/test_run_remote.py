@@ -97,3 +97,24 @@ def test_remote_folder_needs_trust(ckpt, data):
     folder, _ = ckpt
     with pytest.raises(ValueError, match="pass --trust-remote-code"):
         load_model(folder)
+
+
+def test_eval_compressed_remote_folder(tmp_path, data):
+    """A compressed remote-code checkpoint (saved after apply_fcot) is a `student` in fcot eval,
+    answering with the compressed token count, the same answers as the patched model in memory."""
+    import fcot
+
+    teacher = write_remote_checkpoint(tmp_path / "qwen_teacher", llm="qwen2", seed=4)
+    model, tok = load_remote(teacher)
+    fcot.apply_fcot(model, tok, compressor="avg", ratio=0.75)
+    model.save_pretrained(tmp_path / "qwen_student")
+    tok.save_pretrained(tmp_path / "qwen_student")
+    kw = dict(batch_size=4, max_new_tokens=3, max_tiles=2, progress=False, latency_samples=1)
+    with pytest.raises(ValueError, match="pass --trust-remote-code"):
+        evaluate([str(tmp_path / "qwen_student")], data, **kw)
+    (result,) = evaluate([str(tmp_path / "qwen_student")], data, trust_remote_code=True, **kw)
+    assert (result.role, result.compressor, result.ratio, result.tokens_per_tile) == ("student", "avg", 0.75, 4)
+    from fcot.eval.run import evaluate_model
+
+    in_memory = evaluate_model(model, tok, _tiler(teacher), load_eval_set(data), name="m", role="x", **kw)
+    assert [r["raw"] for r in result.predictions] == [r["raw"] for r in in_memory.predictions]
