@@ -306,8 +306,17 @@ def test_options_that_change_nothing_warn(data, tmp_path):
 
 def test_bf16_autocast_step_runs_and_fused_equals_reference(data, tmp_path):
     """What Trainer's bf16 does on a GPU, here with CPU autocast: the fused projector runs outside
-    autocast in its fp32 weights, the loss in the hidden states' dtype on both backends."""
-    cfgs = [_cfg("distill", data, tmp_path / "a1", backend="triton"), _cfg("distill", data, tmp_path / "a0", fused=False)]
+    autocast in its fp32 weights, the loss in the hidden states' dtype on both backends.
+
+    The two losses see different bf16 roundings (the fused kernel accumulates in fp32, the
+    reference rounds its logits to bf16), and CPU bf16 autocast itself rounds differently from one
+    CPU to another: the tolerance is bf16's, not one machine's. bf16 keeps 8 significant bits (unit
+    roundoff 2**-8 = 3.9e-3); the loss goes through a few bf16 roundings (hidden states, logits,
+    log-softmax), so the two agree to a few units: rtol 1e-2 (the observed gap is 1e-4 to 2e-4).
+    The model's weights come from the run's seed, so FCOT_TEST_SEED varies them."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    cfgs = [_cfg("distill", data, tmp_path / "a1", backend="triton", seed=seed),
+            _cfg("distill", data, tmp_path / "a0", fused=False, seed=seed)]
     losses = []
     for c in cfgs:
         tr = build_distill_trainer(c)
@@ -316,8 +325,9 @@ def test_bf16_autocast_step_runs_and_fused_equals_reference(data, tmp_path):
             loss = distill_loss(tr.model(**batch), tr.model.parts.head, c)
         loss.backward()
         assert tr.model.parts.student_projector.compressor.merge_weight.grad.abs().max() > 0
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+        losses.append(loss.detach().float())
+    assert losses[1] > 0
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(data, tmp_path):
