@@ -1,5 +1,5 @@
 """``fcot.apply_fcot`` / ``fcot.revert_fcot`` / ``fcot.load_compressed``: find the model's family
-(:data:`fcot.models.PATCHERS`), validate the options, patch the one instance.
+(:func:`fcot.models.get_family`), validate the options, patch the one instance.
 
 Idempotence policy: ``apply_fcot`` on an instance that is already patched raises
 :class:`~fcot.models.FcotError` (call ``revert_fcot`` first, then apply with the new options);
@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .compress import COMPRESSORS, get_compressor
-from .models import PATCHERS
+from .models import get_family
 from .models.base import FcotError, FcotOptions, Patch
 
 _OPTIONS = ("compressor", "ratio", "fused", "backend", "proportional_attention")
@@ -92,9 +92,7 @@ def apply_fcot(
         raise TypeError(f"apply_fcot() got unexpected keyword arguments {sorted(unknown)}; accepted: {list(_OPTIONS)}")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model (nn.Module with .config), got {type(model).__name__}")
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in PATCHERS:
-        raise FcotError(f"model_type {model_type!r} ({type(model).__name__}) is not supported; supported model types: {sorted(PATCHERS)}")
+    family = get_family(model)
     if getattr(model, "_fcot_patch", None) is not None:
         raise FcotError(
             f"this model is already patched by fcot ({model._fcot_patch.options}); call fcot.revert_fcot(model) first "
@@ -107,9 +105,9 @@ def apply_fcot(
         )
     options = _check_options(compressor, ratio, fused, backend, proportional_attention)
     comp = get_compressor(options.compressor)(options.ratio, backend=options.kernel_backend, width=_vit_width(model))
-    patch = Patch(model, options, model_type)
+    patch = Patch(model, options, family.model_type)
     try:
-        PATCHERS[model_type](model, processor, comp, patch)
+        family.patch(model, processor, comp, patch)
     except BaseException:
         patch.revert()
         raise

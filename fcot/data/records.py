@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from fcot.data.tiling import HFTiler, InternVLChatTiler, Tiler, internvl_image_processor
+from fcot.data.tiling import HFTiler, InternVLChatTiler, Tiler, internvl_image_processor  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("fcot.data")
 
@@ -430,23 +430,17 @@ class ConversationCollator:
 
 
 def make_tiler(family: str, image_processor=None, tile_size: int | None = None) -> Tiler:
-    """The tiler for a model family: ``"internvl"`` (transformers-native) or ``"internvl_chat"`` (remote code).
+    """The tiler for a model family (a ``model_type``: ``"internvl"``, ``"internvl_chat"``, or
+    any family registered in :mod:`fcot.models`); see the family's ``tiler``.
 
     ``image_processor`` (native family only) is the checkpoint's own, e.g.
     ``AutoProcessor.from_pretrained(ckpt).image_processor``; without it one is built in code.
     ``tile_size`` defaults to 448, or to the given image processor's size.
     """
-    if family == "internvl":
-        if image_processor is None:
-            return HFTiler(internvl_image_processor(tile_size or 448))
-        tiler = HFTiler(image_processor)
-        if tile_size is not None and tile_size != tiler.tile_size:
-            raise ValueError(f"tile_size={tile_size} but image_processor tiles at {tiler.tile_size}px: drop tile_size "
-                             "(the processor decides) or pass a matching processor")
-        return tiler
-    if family == "internvl_chat":
-        if image_processor is not None:
-            raise ValueError("image_processor is for family='internvl'; the remote-code family tiles in fcot "
-                             "(InternVLChatTiler): drop image_processor or use family='internvl'")
-        return InternVLChatTiler(tile_size or 448)
-    raise ValueError(f"family={family!r}: expected 'internvl' (transformers-native) or 'internvl_chat' (OpenGVLab remote code)")
+    from fcot.models import get_family  # the registry sits above the data layer
+
+    try:
+        fam = get_family(family)
+    except ValueError as e:
+        raise ValueError(f"family={family!r}: {e}") from None
+    return fam.tiler(None, image_processor, tile_size)

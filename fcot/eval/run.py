@@ -244,13 +244,11 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
     )
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer, tiler, role) for a model folder; a clear error for anything else."""
-    import transformers
-
-    from fcot.data.tiling import HFTiler, internvl_image_processor
-
-    import fcot
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False):
+    """(model, tokenizer, tiler, role) for a model folder of any registered family
+    (:func:`fcot.models.get_family`); a clear error for anything else."""
+    from fcot.models import FAMILIES, FcotError, get_family
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -258,21 +256,14 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                                                        f"has no config.json (it holds {sorted(x.name for x in p.iterdir())[:6]})")
         raise ValueError(f"model {str(p)!r} {what}: expected a model folder written by save_pretrained")
     config = json.loads((p / "config.json").read_text())
-    if config.get("model_type") != "internvl":
-        raise ValueError(f"model {str(p)!r} is a {config.get('model_type')!r} model ({config.get('architectures')}): "
-                         "fcot eval takes transformers-native InternVL folders (model_type 'internvl')")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(p)
     try:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(p)
-    except (OSError, ValueError):
-        size = config.get("vision_config", {}).get("image_size", 448)
-        image_processor = internvl_image_processor(size[0] if isinstance(size, list) else size)
-    if "fcot" in config:
-        model, role = fcot.load_compressed(p, dtype=dtype), "student"
-    else:
-        model, role = transformers.InternVLForConditionalGeneration.from_pretrained(p, dtype=dtype), "teacher"
-    return model.to(device).eval(), tokenizer, HFTiler(image_processor), role
-
+        family = get_family(config)
+    except FcotError:
+        raise ValueError(f"model {str(p)!r} is a {config.get('model_type')!r} model ({config.get('architectures')}): "
+                         f"fcot eval takes InternVL folders (model_type one of {sorted(FAMILIES)})") from None
+    loaded = family.load(str(p), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tiler = family.tiler(config, loaded.image_processor)
+    return loaded.model, loaded.tokenizer, tiler, "student" if loaded.compressed else "teacher"
 
 
 def evaluate_training_free(model: Any, tokenizer: Any, tiler: Any, questions: list, compressors: Iterable[str],

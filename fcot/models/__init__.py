@@ -1,16 +1,24 @@
-"""One file per model family; :data:`PATCHERS` maps ``config.model_type`` to its patch function
-(``patch(model, processor, compressor, patch)``), which :func:`fcot.apply_fcot` calls."""
+"""One module per model family, each exporting ONE :class:`~fcot.models.family.ModelFamily`
+instance named ``FAMILY``; every module of this package is imported here and its ``FAMILY``
+registered under its ``model_type`` (:data:`FAMILIES`), so a new family is one new file.
+:func:`get_family` finds a model's family (a clear error for an unknown ``model_type``)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .base import FcotError, FcotOptions, FcotProjector, Patch
-from .internvl import patch_internvl
-from .internvl_chat import patch_internvl_chat
+from .family import FAMILIES, ChatFormat, FamilyParts, Loaded, ModelFamily, dtype_kwarg, get_family, register_family
 
-PATCHERS = {
-    "internvl": patch_internvl,
-    "internvl_chat": patch_internvl_chat,
-}
-"""``config.model_type`` -> patch function."""
+_SHARED = {"attention", "base", "family", "tiny"}  # helpers, not families
 
-__all__ = ["PATCHERS", "FcotError", "FcotOptions", "FcotProjector", "Patch"]
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("_") or _info.name in _SHARED:
+        continue
+    _family = getattr(importlib.import_module(f"{__name__}.{_info.name}"), "FAMILY", None)
+    if _family is not None:
+        register_family(_family)
+
+__all__ = ["FAMILIES", "ChatFormat", "FamilyParts", "FcotError", "FcotOptions", "FcotProjector", "Loaded", "ModelFamily",
+           "Patch", "dtype_kwarg", "get_family", "register_family"]

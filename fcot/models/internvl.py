@@ -25,6 +25,8 @@ from ..compress import Compressor
 from . import attention
 from .base import FcotError, Patch, attach_cls_importance, build_projector, check_image_tokens, fcot_section
 from .base import passthrough_shuffle, vit_layer_index
+from .family import ChatFormat, FamilyParts, Loaded, ModelFamily, config_get, dtype_kwarg
+from ..data.tiling import HFTiler, internvl_image_processor
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -140,3 +142,89 @@ def patch_internvl(model: nn.Module, processor: Any, compressor: Compressor, pat
     if processor is not None and hasattr(processor, "image_seq_length"):
         patch.setattr(processor, "image_seq_length", tokens_out)
         patch.info["processor"] = processor
+
+
+CHATML = ChatFormat(
+    name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", stop=("<|im_end|>",),
+)
+"""The native InternVL checkpoints' chat format (InternVL2.5/3 ``-hf``: Qwen2.5 / InternLM2.5 ChatML)."""
+
+
+class InternVLFamily(ModelFamily):
+    """transformers' native ``InternVLForConditionalGeneration`` (``model_type="internvl"``)."""
+
+    model_type = "internvl"
+    description = "transformers-native InternVL (InternVLForConditionalGeneration, -hf checkpoints)"
+
+    def patch(self, model, processor, compressor, patch) -> None:
+        patch_internvl(model, processor, compressor, patch)
+
+    def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
+        inner = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
+        if not hasattr(inner, "multi_modal_projector"):
+            raise FcotError(f"{type(model).__name__} has model_type 'internvl' but no multi_modal_projector")
+        return inner, "multi_modal_projector"
+
+    def parts(self, model: nn.Module, tokenizer: Any = None) -> FamilyParts:
+        inner, attr = self.projector_slot(model)
+        if not hasattr(model, "lm_head"):
+            raise FcotError(f"{type(model).__name__} has no lm_head: train InternVLForConditionalGeneration")
+        return FamilyParts(
+            owner=inner, projector_attr=attr, vision=inner.vision_tower, decoder=inner.language_model, head=model.lm_head,
+            layer=model.config.vision_feature_layer, drop_cls=model.config.vision_feature_select_strategy == "default",
+            image_token_id=int(model.config.image_token_id),
+        )
+
+    def tiler(self, config: Any = None, image_processor: Any = None, tile_size: int | None = None):
+        if image_processor is None:
+            if tile_size is None and config is not None:
+                tile_size = _pair(config_get(config_get(config, "vision_config", {}) or {}, "image_size", 448))[0]
+            return HFTiler(internvl_image_processor(tile_size or 448))
+        tiler = HFTiler(image_processor)
+        if tile_size is not None and tile_size != tiler.tile_size:
+            raise ValueError(f"tile_size={tile_size} but image_processor tiles at {tiler.tile_size}px: drop tile_size "
+                             "(the processor decides) or pass a matching processor")
+        return tiler
+
+    def chat(self, config: Any, model: nn.Module | None = None) -> ChatFormat:
+        return CHATML
+
+    def base_tokens(self, config: Any) -> int:
+        section = config_get(config, "fcot")
+        if isinstance(section, dict) and "image_seq_length" in section.get("base", {}):
+            return int(section["base"]["image_seq_length"])
+        return int(config_get(config, "image_seq_length"))
+
+    def tokens_per_tile(self, model: nn.Module) -> int:
+        return int(model.config.image_seq_length)
+
+    def image_token_id(self, model: nn.Module, tokenizer: Any) -> int:
+        return int(model.config.image_token_id)
+
+    def load(self, path, *, dtype=torch.float32, device="cpu", trust_remote_code=False) -> Loaded:
+        import json
+        import os
+
+        import transformers
+
+        from ..patch import load_compressed
+
+        config = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        try:
+            image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            image_processor = None
+        if "fcot" in config:
+            model = load_compressed(path, **dtype_kwarg(dtype))
+        else:
+            model = transformers.AutoModelForImageTextToText.from_pretrained(path, **dtype_kwarg(dtype))
+        return Loaded(model.to(device).eval(), tokenizer, image_processor, "fcot" in config)
+
+    def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        out = model.generate(**inputs, **kwargs)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+
+FAMILY = InternVLFamily()

@@ -18,16 +18,20 @@ before the model embeds the features, and the prune / proportional-attention hoo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..compress import Compressor
 from . import attention
 from .base import FcotError, Patch, attach_cls_importance, build_projector, check_image_tokens, fcot_section
 from .base import passthrough_shuffle, vit_layer_index
+from .family import ChatFormat, FamilyParts, Loaded, ModelFamily, config_get, dtype_kwarg
 from .internvl import check_processor
+from ..data.tiling import InternVLChatTiler
 
 CONTRACT = ("vision_model", "mlp1", "language_model", "num_image_token", "downsample_ratio", "extract_feature", "pixel_shuffle")
 
@@ -117,3 +121,122 @@ def patch_internvl_chat(model: nn.Module, processor: Any, compressor: Compressor
 
     if processor is not None and hasattr(processor, "image_seq_length"):
         patch.setattr(processor, "image_seq_length", tokens_out)
+
+
+def _mpt(name: str, system: str, user: str, assistant: str, sep: str, message: str) -> ChatFormat:
+    # OpenGVLab's MPT separator style: system turn + sep, then role + message + sep per turn; the
+    # open assistant turn is its role alone. The system turn is emitted even with an empty message.
+    return ChatFormat(name=name, system=system + "{content}" + sep, user=user + "{content}" + sep + assistant,
+                      stop=(sep.strip(),), system_message=message, always_system=True)
+
+
+_INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+TEMPLATES: dict[str, ChatFormat] = {
+    # InternVL2-1B (Qwen2-0.5B) and InternVL2-40B/76B: "Hermes-2".
+    "Hermes-2": _mpt("Hermes-2", "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>",
+                     _INTERNVL_SYSTEM),
+    # InternVL2-2B/8B/26B (InternLM2): "internlm2-chat".
+    "internlm2-chat": _mpt("internlm2-chat", "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
+                           "<|im_end|>", _INTERNVL_SYSTEM),
+    # InternVL2-4B (Phi-3-mini): "phi3-chat".
+    "phi3-chat": _mpt("phi3-chat", "<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>", _INTERNVL_SYSTEM),
+    # InternVL2.5 / 3 remote code: "internvl2_5" (ChatML with a newline after each <|im_end|>).
+    "internvl2_5": _mpt("internvl2_5", "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
+                        "<|im_end|>\n", "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"),
+}
+"""OpenGVLab's conversation templates (``config.template``) that InternVL2/2.5 checkpoints use,
+as the prompt their ``chat()`` builds: ``get_conv_template(config.template)`` with the model's
+``system_message``, the question (``<image>\\n`` prepended when it has no placeholder) as the
+user turn, and the assistant's turn left open; the answer stops at ``sep.strip()``."""
+
+
+class InternVLChatFamily(ModelFamily):
+    """OpenGVLab's remote-code ``InternVLChatModel`` (``model_type="internvl_chat"``)."""
+
+    model_type = "internvl_chat"
+    description = "OpenGVLab remote-code InternVL2/2.5 (InternVLChatModel, trust_remote_code=True)"
+    needs_remote_code = True
+
+    def patch(self, model, processor, compressor, patch) -> None:
+        patch_internvl_chat(model, processor, compressor, patch)
+
+    def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
+        if not hasattr(model, "mlp1"):
+            raise FcotError(f"{type(model).__name__} has model_type 'internvl_chat' but no mlp1 projector")
+        return model, "mlp1"
+
+    def parts(self, model: nn.Module, tokenizer: Any = None) -> FamilyParts:
+        lm = model.language_model
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        return FamilyParts(
+            owner=model, projector_attr="mlp1", vision=model.vision_model, decoder=decoder, head=lm.get_output_embeddings(),
+            layer=int(getattr(model, "select_layer", -1)), drop_cls=True, image_token_id=self.image_token_id(model, tokenizer),
+        )
+
+    def image_token_id(self, model: nn.Module, tokenizer: Any) -> int:
+        token = getattr(model, "img_context_token_id", None)
+        if token is None:
+            if tokenizer is None:
+                raise FcotError("model.img_context_token_id is None and no tokenizer was given to read <IMG_CONTEXT> from")
+            token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+            model.img_context_token_id = token  # what chat()/batch_chat() set before generating
+        return int(token)
+
+    def tiler(self, config: Any = None, image_processor: Any = None, tile_size: int | None = None):
+        if image_processor is not None:
+            raise ValueError("image_processor is for family='internvl' (transformers-native); the remote-code family "
+                             "tiles in fcot (InternVLChatTiler): drop image_processor or use family='internvl'")
+        if tile_size is None and config is not None:
+            tile_size = self._image_size(config)
+        use_thumbnail = bool(config_get(config, "use_thumbnail", True)) if config is not None else True
+        return InternVLChatTiler(tile_size or 448, use_thumbnail=use_thumbnail)
+
+    @staticmethod
+    def _image_size(config: Any) -> int:
+        vision = config_get(config, "vision_config", {}) or {}
+        return int(config_get(config, "force_image_size") or config_get(vision, "image_size", 448))
+
+    def chat(self, config: Any, model: nn.Module | None = None) -> ChatFormat:
+        name = config_get(config, "template")
+        if name not in TEMPLATES:
+            raise FcotError(f"config.template={name!r}: fcot knows the InternVL templates {sorted(TEMPLATES)}; "
+                            "add the template's ChatFormat to fcot.models.internvl_chat.TEMPLATES")
+        fmt = TEMPLATES[name]
+        message = getattr(model, "system_message", None) if model is not None else None
+        if message is not None and message != fmt.system_message:
+            fmt = dataclasses.replace(fmt, system_message=message)
+        return fmt
+
+    def base_tokens(self, config: Any) -> int:
+        vision = config_get(config, "vision_config", {}) or {}
+        side = self._image_size(config) // int(config_get(vision, "patch_size"))
+        return int(side * side * float(config_get(config, "downsample_ratio")) ** 2)
+
+    def tokens_per_tile(self, model: nn.Module) -> int:
+        return int(model.num_image_token)
+
+    def load(self, path, *, dtype=torch.float32, device="cpu", trust_remote_code=False) -> Loaded:
+        import json
+        import os
+
+        import transformers
+
+        from ..patch import load_compressed
+
+        config = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
+        kwargs = dict(dtype_kwarg(dtype), trust_remote_code=trust_remote_code)
+        if "fcot" in config:
+            model = load_compressed(path, **kwargs)
+        else:
+            model = transformers.AutoModel.from_pretrained(path, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return Loaded(model.to(device).eval(), tokenizer, None, "fcot" in config)
+
+    def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        # InternVLChatModel.generate embeds the prompt and calls the LLM's generate on
+        # inputs_embeds, which returns the new tokens only.
+        return model.generate(pixel_values=inputs.get("pixel_values"), input_ids=inputs["input_ids"],
+                              attention_mask=inputs["attention_mask"], **kwargs)
+
+
+FAMILY = InternVLChatFamily()
