@@ -51,7 +51,11 @@ def test_distill_lowers_the_loss_and_trains_only_vc_and_as(data, tmp_path):
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer.train()
     losses = _losses(trainer)
-    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8, losses
+    # apply_fcot starts the student next to the teacher (a small first loss); Adam's first step
+    # moves every trainable weight by about the learning rate whatever its gradient, which lifts
+    # the loss off that start. From there distillation must bring it down, step after step.
+    assert len(losses) == 6 and losses[-1] < losses[1] * 0.8, losses
+    assert all(b < a for a, b in zip(losses[1:], losses[2:])), losses
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     proj = module.parts.projector_attr
     assert changed and all(f"{proj}." in n for n in changed), changed
