@@ -9,11 +9,16 @@ DeepSpeed/FSDP, ...), passed through unchanged::
     distill:  {temperature: 1.0, kl_weight: 1.0, ce_weight: 0.1, divergence: forward_kl}
     training: {learning_rate: 1.0e-4, per_device_train_batch_size: 2, max_steps: 200}
 
-Command-line overrides win over the file: ``--set data.max_tiles=4`` (the value is parsed as
-YAML) and the per-option flags every subcommand has (``--compressor``, ``--ratio``,
+Command-line overrides win over the file: ``--set data.max_tiles=4`` (the text is read as the
+option's declared type: ``--set training.save_strategy=no`` is the string "no", not YAML's
+False) and the per-option flags every subcommand has (``--compressor``, ``--ratio``,
 ``--fused/--no-fused``, ``--backend``, ``--output-dir``, ``--overwrite``, ``--seed``). Every
 field is checked when the config is built (type, range, choices, files that must exist), with
-an error naming the option to change, so a bad config fails before any model is loaded.
+an error naming the option to change, so a bad config fails before any model is loaded or any
+file is written. ``training`` options that fcot's trainers would ignore or fail on later are
+refused there too, naming the ``section.key`` to use instead (:data:`TRAINING_REFUSED`).
+Compressor and backend names come from their registries (:data:`fcot.compress.COMPRESSORS`,
+:data:`fcot_kernels.dispatch.CHOICES`), so a newly registered compressor trains from the CLI.
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-# The names in fcot.compress's compressor registry; "none" keeps every visual token.
-COMPRESSORS = ("none", "avg", "dwconv", "conv", "tome", "prune")
-BACKENDS = ("auto", "reference", "triton", "cuda")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FAMILIES = ("auto", "internvl", "internvl_chat")
 TEMPLATES = ("chatml", "phi3")
@@ -44,6 +46,83 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the option (``section.key``) to change."""
+
+
+def compressor_names() -> list[str]:
+    """The registered compressors (:data:`fcot.compress.COMPRESSORS`; ``none`` keeps every token)."""
+    from fcot.compress import COMPRESSORS
+
+    return sorted(COMPRESSORS)
+
+
+def backend_names() -> list[str]:
+    """The kernel backends :mod:`fcot_kernels.dispatch` accepts (``auto`` and the registered ones)."""
+    from fcot_kernels.dispatch import CHOICES
+
+    return list(CHOICES)
+
+
+class CliText(str):
+    """A value typed on the command line (``--set``): read as the option's declared type, never
+    guessed by YAML (which reads ``no`` as False and ``1e-4`` as a string)."""
+
+
+_NULLS = ("null", "none", "~", "")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_cli_text(where: str, text: str, tp: Any) -> Any:
+    """``text`` as a value of the annotation ``tp`` (bool, int, float, str, enums, lists, dicts, X | None)."""
+    import enum
+
+    import yaml
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if text.strip().lower() in _NULLS and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        # A plain string choice (str, an enum of strings) takes the text as it is.
+        if any(a is str or (isinstance(a, type) and issubclass(a, enum.Enum)) for a in rest):
+            if not any(a in (int, float, bool) for a in rest):
+                return text
+        for arg in rest:
+            try:
+                return parse_cli_text(where, text, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}")
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ConfigError(f"{where}: expected true or false")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number") from None
+    if tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return text
+    if origin is list or tp is list:
+        (item,) = args or (str,)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, list):
+            value = [v.strip() for v in text.split(",")] if text.strip() else []
+        return [parse_cli_text(where, str(v), item) if not isinstance(v, item) else v for v in value]
+    try:  # dicts and anything structured: YAML
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -65,6 +144,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[str], X | None)."""
     where = f"{section}.{name}={value!r}"
+    if isinstance(value, CliText):
+        value = parse_cli_text(where, str(value), tp)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -135,13 +216,13 @@ class CommonConfig(_Section):
     model: str = ""
     """Base InternVL model: a local folder or a Hugging Face hub id (transformers-native or OpenGVLab remote code)."""
     compressor: str = "conv"
-    """Visual-token compressor (``fcot.compress`` registry): none, avg, dwconv, conv, tome or prune."""
-    ratio: float = 0.5
-    """Fraction of visual tokens removed: 0.5 keeps 128 of 256 per tile, 0.75 keeps 64."""
+    """Visual-token compressor, a name in the ``fcot.compress`` registry (none, avg, dwconv, conv, tome, prune, and any registered later)."""
+    ratio: float | None = None
+    """Fraction of visual tokens removed: 0.5 keeps 128 of 256 per tile, 0.75 keeps 64; unset: 0.5 (0 for compressor none, the one encoding of no compression)."""
     fused: bool = True
     """Use fcot's fused kernels (compressed projector, distillation loss); false runs the reference ops."""
     backend: str | None = None
-    """Kernel backend: auto, reference, triton or cuda; unset uses FCOT_BACKEND or auto."""
+    """Kernel backend (``fcot_kernels.dispatch``): auto, reference, triton or cuda; unset uses FCOT_BACKEND or auto."""
     output_dir: str = "runs/fcot"
     """Run folder: config, metrics JSONL, checkpoints, report."""
     overwrite: bool = False
@@ -158,16 +239,31 @@ class CommonConfig(_Section):
         looks_local = not _HUB_ID.match(self.model) or os.path.exists(self.model)
         if looks_local and not Path(self.model).expanduser().is_dir():
             self._fail("model", "no such folder (a local model path must exist; a hub id looks like org/name)")
-        if self.compressor not in COMPRESSORS:
-            self._fail("compressor", f"expected one of {list(COMPRESSORS)}")
-        if not 0 <= self.ratio < 1:
-            self._fail("ratio", "expected the fraction of visual tokens removed, in [0, 1) (0.5 or 0.75)")
-        if self.compressor == "none" and self.ratio != 0:
-            self._fail("ratio", "compressor 'none' keeps every token: set common.ratio=0 or choose a compressor")
-        if self.backend is not None and self.backend not in BACKENDS:
-            self._fail("backend", f"expected one of {list(BACKENDS)} or unset")
+        names = compressor_names()
+        if self.compressor not in names:
+            self._fail("compressor", f"expected one of {names} (the fcot.compress registry)")
+        self._check_ratio()
+        backends = backend_names()
+        if self.backend is not None and self.backend not in backends:
+            self._fail("backend", f"expected one of {backends} or unset")
         if not self.output_dir:
             self._fail("output_dir", "expected a folder path")
+
+    def _check_ratio(self) -> None:
+        """The one place ``common.ratio`` is checked: in [0, 1), one the compressor supports; unset
+        becomes 0.5 (0 for ``none``, whose only ratio is 0: no compression has one encoding)."""
+        from fcot.compress import COMPRESSORS
+
+        supported = COMPRESSORS[self.compressor].ratios
+        if self.ratio is None:
+            self.ratio = 0.5 if supported is None or 0.5 in supported else float(supported[0])
+        if not 0 <= self.ratio < 1:
+            self._fail("ratio", "expected the fraction of visual tokens removed, in [0, 1) (0.5 or 0.75)")
+        if supported is not None and self.ratio not in supported:
+            if self.compressor == "none":
+                self._fail("ratio", "compressor 'none' keeps every token (ratio 0): unset common.ratio or choose a "
+                                    "compressor")
+            self._fail("ratio", f"compressor {self.compressor!r} supports ratios {list(supported)}")
 
     @property
     def tokens_per_tile(self) -> int:
@@ -295,17 +391,65 @@ _FROM_COMMON = {"output_dir": "common.output_dir", "seed": "common.seed", "overw
                 "dataloader_num_workers": "data.num_workers"}
 
 
+_NO_EVAL = "fcot's trainers have no evaluation set; score a saved model with `fcot eval`"
+TRAINING_REFUSED: dict[str, str] = {
+    "gradient_checkpointing": "set distill.gradient_checkpointing or posttrain.gradient_checkpointing instead "
+                              "(fcot checkpoints the LLM of its own training module)",
+    "gradient_checkpointing_kwargs": "set distill.gradient_checkpointing or posttrain.gradient_checkpointing instead "
+                                     "(fcot checkpoints without re-entrant autograd)",
+    "label_smoothing_factor": "fcot's losses (distill.*, the SFT cross-entropy) have no label smoothing; remove it",
+    "remove_unused_columns": "fcot keeps its collated columns (it must be false); remove it",
+    "load_best_model_at_end": _NO_EVAL,
+    "metric_for_best_model": _NO_EVAL,
+    "greater_is_better": _NO_EVAL,
+    "do_eval": _NO_EVAL,
+    "eval_strategy": _NO_EVAL,
+    "eval_steps": _NO_EVAL,
+    "eval_on_start": _NO_EVAL,
+    "per_device_eval_batch_size": _NO_EVAL,
+    "prediction_loss_only": _NO_EVAL,
+    "label_names": "fcot's training modules read their own label columns; remove it",
+    "do_train": "Trainer itself ignores it (scripts read it); remove it",
+    "do_predict": "Trainer itself ignores it (scripts read it); remove it",
+    "resume_from_checkpoint": "Trainer itself ignores it; resume with `fcot distill/posttrain --resume`",
+    "use_liger_kernel": "it patches Hugging Face LLM classes, not fcot's training module; fcot's fused loss is "
+                        "common.fused",
+    "neftune_noise_alpha": "fcot's training module has no NEFTune embedding hook; remove it",
+    "save_safetensors": "fcot checkpoints are always safetensors (load_compressed reads them); remove it",
+}
+"""``training`` options that fcot's trainers would ignore or fail on after the run started:
+refused when the config is built, with what to use instead."""
+
+
+def _training_field_types() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    hints = {}
+    for f in dataclasses.fields(TrainingArguments):
+        hints[f.name] = f.type
+    return hints
+
+
 def _check_training(training: dict[str, Any]) -> dict[str, Any]:
-    """Check the ``training`` keys against ``TrainingArguments``; read numeric strings of float options."""
+    """Check the ``training`` keys against ``TrainingArguments`` and :data:`TRAINING_REFUSED`; read
+    ``--set`` text as each option's declared type and numeric strings of float options."""
     if not isinstance(training, dict):
         raise ConfigError(f"training={training!r}: expected a mapping of TrainingArguments options")
     from transformers import TrainingArguments
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    types_ = _training_field_types()
     out = {}
     for key, value in training.items():
         if key in _FROM_COMMON:
             raise ConfigError(f"training.{key}: set {_FROM_COMMON[key]} instead (fcot passes it to TrainingArguments)")
+        if isinstance(value, CliText) and key in fields:
+            tp = types_[key]
+            value = parse_cli_text(f"training.{key}={str(value)!r}", str(value),
+                                   tp if not isinstance(tp, str) else Any)
+        if key in TRAINING_REFUSED:  # before the field check: some are gone from newer transformers
+            shown = str(value) if isinstance(value, CliText) else value
+            raise ConfigError(f"training.{key}={shown!r}: not supported by fcot's trainers: {TRAINING_REFUSED[key]}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
             raise ConfigError(f"training.{key}: not a transformers TrainingArguments option"
@@ -387,17 +531,13 @@ def build_config(stage: str, raw: dict[str, Any]) -> RunConfig:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``section.key=value`` (value parsed as YAML) to the raw mapping, in place."""
-    import yaml
-
+    """Apply one ``section.key=value`` to the raw mapping, in place. The value stays text
+    (:class:`CliText`) until the option's declared type reads it."""
     key, sep, text = assignment.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not section or not name:
         raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. --set data.max_tiles=6")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {e}") from None
+    value = CliText(text.strip())
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"--set {assignment!r}: section {section!r} is not a mapping in the config file")
@@ -436,13 +576,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every training subcommand has: --config, --set, and the common per-option flags."""
     parser.add_argument("--config", help="YAML config file (sections common, data, <stage>, training)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one option, value parsed as YAML (repeatable), e.g. --set data.max_tiles=6")
+                        help="override one option, the value read as the option's type (repeatable), e.g. "
+                             "--set data.max_tiles=6 --set training.save_strategy=no")
     docs = field_docs(CommonConfig)
     parser.add_argument("--model", help=docs["model"])
-    parser.add_argument("--compressor", choices=COMPRESSORS, help=docs["compressor"])
+    parser.add_argument("--compressor", choices=compressor_names(), help=docs["compressor"])
     parser.add_argument("--ratio", type=float, help=docs["ratio"])
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None, help=docs["fused"])
-    parser.add_argument("--backend", choices=BACKENDS, help=docs["backend"])
+    parser.add_argument("--backend", choices=backend_names(), help=docs["backend"])
     parser.add_argument("--output-dir", help=docs["output_dir"])
     parser.add_argument("--overwrite", action="store_true", default=None, help=docs["overwrite"])
     parser.add_argument("--seed", type=int, help=docs["seed"])

@@ -84,7 +84,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _patch_ratio(cfg: RunConfig) -> float:
-    return 0.0 if cfg.common.compressor == "none" else cfg.common.ratio
+    return cfg.common.ratio  # checked once, by the config (0 for compressor none)
 
 
 def _kernel_backend(cfg: RunConfig) -> str | None:
@@ -107,8 +107,10 @@ def compress(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> nn.Module:
     if is_patched(model):
         return model
     try:
-        return apply_fcot(model, compressor=cfg.common.compressor, ratio=cfg.common.ratio if cfg.common.compressor != "none"
-                          else 0.5, fused=cfg.common.fused, backend=_kernel_backend(cfg))
+        # compressor none takes no ratio (the config holds 0 for it, the one encoding).
+        ratio = {} if cfg.common.compressor == "none" else {"ratio": cfg.common.ratio}
+        return apply_fcot(model, compressor=cfg.common.compressor, fused=cfg.common.fused, backend=_kernel_backend(cfg),
+                          **ratio)
     except (FcotError, ValueError) as e:
         raise ConfigError(f"common.compressor={cfg.common.compressor!r}, common.ratio={cfg.common.ratio}: {e}") from None
 
@@ -344,9 +346,6 @@ class FcotTrainer(AtomicCheckpoints, _trainer_base()[0]):
 
     fcot_cfg: RunConfig
 
-    def _load_best_model(self):
-        raise ConfigError("training.load_best_model_at_end is not supported by fcot's trainers; pick a checkpoint by its metrics")
-
 
 def save_compressed_model(model: nn.Module, output_dir: str) -> None:
     model.save_pretrained(output_dir, safe_serialization=True)
@@ -378,8 +377,6 @@ def training_arguments(cfg: RunConfig, **defaults: Any):
     if "bf16" not in cfg.training and "fp16" not in cfg.training and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported():
         extra["bf16"] = True
-    if "save_safetensors" in cfg.training and not cfg.training["save_safetensors"]:
-        raise ConfigError("training.save_safetensors=false: fcot checkpoints are safetensors (load_compressed reads them)")
     for key, value in defaults.items():
         if key not in cfg.training:
             extra[key] = value

@@ -222,13 +222,20 @@ def test_cli_distill_merge_posttrain(data, tmp_path, capsys):
     # a compressed folder with other options than asked, and distill from a compressed model: exit 2, one line
     for argv, msg in ((["posttrain", "--model", str(tmp_path / "m"), "--compressor", "conv"], "compressed with"),
                       (["distill", "--model", str(tmp_path / "m"), "--compressor", "avg"], "already compressed"),
-                      (["distill", "--model", "tiny", "--ratio", "0.3"], "common.ratio")):
+                      (["distill", "--model", "tiny", "--ratio", "0.3"], "common.ratio"),
+                      # accepted and then fatal (or ignored) once: now refused before anything is written
+                      (["distill", "--model", "tiny", "--set", "training.gradient_checkpointing=true"],
+                       "distill.gradient_checkpointing"),
+                      (["posttrain", "--model", "tiny", "--set", "training.label_smoothing_factor=0.1"],
+                       "training.label_smoothing_factor")):
         with pytest.raises(SystemExit) as exc:
             main([*argv, "--output-dir", str(tmp_path / "bad"), *common])
         assert exc.value.code == 2
         assert not (tmp_path / "bad").exists()
     err = capsys.readouterr().err
     assert "compressed with compressor='avg'" in err and "already compressed" in err and "common.ratio" in err
+    assert "set distill.gradient_checkpointing or posttrain.gradient_checkpointing instead" in err
+    assert "training.label_smoothing_factor=0.1: not supported" in err
 
 
 def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
