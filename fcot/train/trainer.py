@@ -22,6 +22,7 @@ its :class:`TrainModule`, which visual token count its data uses, and its collat
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from dataclasses import dataclass
@@ -130,12 +131,30 @@ class FcotTrainer(AtomicCheckpoints, _trainer_base()):
     returns the loss), fcot's run folder (:class:`fcot.train.checkpoint.AtomicCheckpoints`), and
     the loss's parts logged next to the loss (``kl``, ``ce``, ``agreement`` in stage 1)."""
 
-    def __init__(self, *args: Any, stage: str, fcot_cfg: RunConfig, image_processor: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stage: str, fcot_cfg: RunConfig, image_processor: Any = None,
+                 sharded: bool = False, **kwargs: Any) -> None:
         self.stage = stage
         self.fcot_cfg = fcot_cfg
         self.fcot_image_processor = image_processor
+        self.fcot_sharded = sharded
         self._part_sums: dict[str, torch.Tensor] = {}
         super().__init__(*args, **kwargs)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.fcot_sharded:  # FSDP2 applied by fcot on a CPU (fcot.train.distributed)
+            from fcot.train.distributed import mark_accelerator_fsdp2
+
+            mark_accelerator_fsdp2(self.accelerator)
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.fcot_sharded:
+            return super().save_model(output_dir, _internal_call)
+        from fcot.train.distributed import full_state_dict
+
+        state_dict = full_state_dict(self.model)  # every rank takes part; rank 0 holds the tensors
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
 
     def _logs_next_step(self) -> bool:
         args, step = self.args, self.state.global_step + 1
@@ -198,7 +217,12 @@ def build_trainer(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: 
     """A ready :class:`FcotTrainer` for ``cfg.stage``. ``model``/``tokenizer``/``image_processor``
     (all three, or none) replace loading ``common.model``. Does not touch the output folder:
     :func:`run` checks it first."""
+    from fcot.train.distributed import check_cpu_fsdp, cpu_fsdp, shard_module, without_fsdp
+
     stage = get_stage(cfg.stage)
+    sharded = cpu_fsdp(cfg)
+    if sharded:
+        check_cpu_fsdp(cfg)
     if model is None:
         model, tokenizer, image_processor = load_base(cfg, allow_compressed=stage.allow_compressed)
     elif tokenizer is None:
@@ -207,8 +231,13 @@ def build_trainer(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: 
     base, out = visual_tokens_per_tile(module.model)
     dataset = build_dataset(cfg, module.model, tokenizer, image_processor, tokens_per_tile=stage.data_tokens(base, out),
                             skip_log_dir=cfg.common.output_dir)
-    args = training_arguments(cfg, logging_steps=1, save_strategy="steps", save_steps=500)
-    trainer = FcotTrainer(model=module, args=args, train_dataset=dataset,
+    if sharded:  # accelerate would fall back to DDP on a CPU: fcot applies FSDP2 itself
+        args = training_arguments(dataclasses.replace(cfg, training=without_fsdp(cfg.training)), logging_steps=1,
+                                  save_strategy="steps", save_steps=500)
+        shard_module(module)
+    else:
+        args = training_arguments(cfg, logging_steps=1, save_strategy="steps", save_steps=500)
+    trainer = FcotTrainer(model=module, args=args, train_dataset=dataset, sharded=sharded,
                           data_collator=stage.make_collator(module, tokenizer, base, out), processing_class=tokenizer,
                           callbacks=[metrics_callback_class()(), *(callbacks or [])], stage=cfg.stage, fcot_cfg=cfg,
                           image_processor=image_processor)
