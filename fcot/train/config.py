@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Union
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-FAMILIES = ("auto", "internvl", "internvl_chat")
 TEMPLATES = ("chatml", "phi3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -53,6 +52,13 @@ def compressor_names() -> list[str]:
     from fcot.compress import COMPRESSORS
 
     return sorted(COMPRESSORS)
+
+
+def family_names() -> list[str]:
+    """``auto`` and the registered model families (:data:`fcot.models.FAMILIES`)."""
+    from fcot.models import FAMILIES
+
+    return ["auto", *sorted(FAMILIES)]
 
 
 def backend_names() -> list[str]:
@@ -281,7 +287,7 @@ class DataConfig(_Section):
     image_root: str | None = None
     """Folder that relative image paths are resolved against; unset: each JSONL file's folder."""
     family: str = "auto"
-    """Tiling: internvl (transformers' image processor), internvl_chat (fcot's, OpenGVLab remote code) or auto (from the model)."""
+    """Model family whose tiling the data uses: auto (the model's own) or a registered family's model_type (fcot.models: internvl, internvl_chat, ...)."""
     max_tiles: int = 12
     """Most 448px tiles per image, thumbnail excluded (InternVL trains with 12)."""
     max_length: int | None = None
@@ -301,8 +307,9 @@ class DataConfig(_Section):
                 raise ConfigError(f"data.jsonl: {path!r} does not exist")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             self._fail("image_root", "no such folder")
-        if self.family not in FAMILIES:
-            self._fail("family", f"expected one of {list(FAMILIES)}")
+        families = family_names()
+        if self.family not in families:
+            self._fail("family", f"expected one of {families}")
         if not 1 <= self.max_tiles <= 40:
             self._fail("max_tiles", "expected 1 to 40 (InternVL: 12 in training, up to 40 at test time)")
         if self.max_length is not None and self.max_length < 1:
