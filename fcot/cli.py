@@ -170,6 +170,11 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.models:
         raise ValueError("give at least one MODEL folder (or --predictions FILE)")
+    from fcot.train.checkpoint import check_safetensors_files
+
+    for model in args.models:  # a truncated weights file fails here, by name, before any model runs
+        if os.path.isdir(model):
+            check_safetensors_files(model)
     if args.ratio is not None and not args.compressor:
         import warnings
 
@@ -290,12 +295,71 @@ def main(argv: list[str] | None = None) -> int:
     _add_data(sub)
     _add_merge(sub)
     _add_train(sub)
+    _add_debug(parser)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Bad input (a config, a checkpoint, a path): one line naming what to fix, no traceback.
-        parser.exit(2, f"fcot {args.command}: error: {e}\n")
+    except Exception as e:  # noqa: BLE001 -- every failure becomes one line (the traceback behind --debug)
+        debug = args.debug or os.environ.get("FCOT_DEBUG", "") not in ("", "0")
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        parser.exit(2, f"fcot {args.command}: error: {error_line(e, debug=debug)}\n")
+
+
+def _add_debug(parser: argparse.ArgumentParser, *, top: bool = True) -> None:
+    """``--debug`` on every (sub)command: ``fcot eval ... --debug`` and ``fcot --debug eval ...``."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on an error, also print the full traceback (or set FCOT_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_debug(sub, top=False)
+
+
+# Errors whose message is written for the user (it names the file or option and the fix).
+_USER_ERRORS = (ValueError, OSError)
+
+
+def _file_being_read(e: BaseException) -> str | None:
+    """The file fcot's code was reading when ``e`` was raised: a local named ``path`` or ``file``
+    that is an existing file, in the innermost ``fcot`` frame that has one (PIL's 'image file is
+    truncated' and torch's load errors do not say which file)."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if not frame.f_globals.get("__name__", "").startswith("fcot"):
+            continue
+        for name in ("path", "file", "filename"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                return str(value)
+    return None
+
+
+def error_line(e: BaseException, *, debug: bool = False) -> str:
+    """One line for an exception: its message for user errors (bad input, a damaged or missing
+    file, a full disk); for anything else also its type and a pointer to ``--debug``."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    disk_full = "no space left on device" in text.lower()
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    elif not isinstance(e, ValueError) and not disk_full:
+        # ValueErrors name their file already; PIL's, torch's and safetensors' errors often do not
+        where = _file_being_read(e)
+        if type(e).__name__ == "SafetensorError":
+            return (f"{where or 'a safetensors file'} is damaged ({text}): it is truncated or not a safetensors "
+                    "file; copy or save it again" + ("" if where or debug else " (--debug shows where)"))
+        if where is not None and where not in text:
+            text += f" (reading {where})"
+    if not isinstance(e, _USER_ERRORS):
+        text = f"{type(e).__name__}: {text}"
+    if not debug and not disk_full and not isinstance(e, (ValueError, FileExistsError, FileNotFoundError)):
+        text += " (run with --debug, or FCOT_DEBUG=1, for the traceback)"
+    return text
 
 
 if __name__ == "__main__":

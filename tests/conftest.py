@@ -22,6 +22,14 @@ ON_GPU = DEVICE.type == "cuda"
 RUN_SEED = int(os.environ.get("FCOT_TEST_SEED", random.randrange(2**31)))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Hypothesis draws its examples from the same seed (unless --hypothesis-seed is given), so
+    # FCOT_TEST_SEED alone reproduces every random input of a run, fuzzed ones included.
+    if getattr(config.option, "hypothesis_seed", "absent") is None:
+        config.option.hypothesis_seed = RUN_SEED
+
+
 def pytest_report_header(config):
     return (
         f"fcot-vl tests on {DEVICE}; kernel backends: {runnable_backends(DEVICE)}; "

@@ -34,6 +34,7 @@ def _sm90_ptxas() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_sm90_ptxas() is None,
                     reason="Triton's bundled ptxas/cuobjdump (triton/backends/nvidia/bin) are missing: cannot compile for sm_90")
 def test_every_triton_kernel_compiles_for_sm90():

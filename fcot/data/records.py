@@ -21,7 +21,8 @@ Labels are -100 everywhere except the answer turns: their text and the template'
 token, so the model learns to stop.
 
 Bad records never stop an epoch. When the data set is built, every line is parsed and checked
-(JSON, schema, placeholders, image files present with a readable header, length); failures are
+(JSON, schema, placeholders, image files present with a readable header and no more pixels than
+the cap of :mod:`fcot.data.images`, length); failures are
 counted by reason and left out. An image that fails to decode later (its pixels corrupt) is
 counted when met and the next good record takes its place. :meth:`ConversationDataset.summary`
 gives the counts for the trainer to log; a data set with no usable record raises
@@ -39,8 +40,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
+from fcot.data.images import ImageError, check_image, load_image, max_pixels_setting
 from fcot.data.tiling import HFTiler, InternVLChatTiler, Tiler, internvl_image_processor  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("fcot.data")
@@ -242,13 +243,16 @@ class ConversationDataset(torch.utils.data.Dataset):
             over-long records are counted up front (a header read, not a decode).
         skip_log_dir: where decode failures met later are also appended (one JSONL per process),
             so :meth:`summary` counts those met in DataLoader workers and other ranks too.
+        max_pixels: the cap on an image's decoded pixels (:mod:`fcot.data.images`); a record with
+            a larger image is skipped (``image_too_large``). None: ``FCOT_MAX_IMAGE_PIXELS`` or
+            40 Mpx; 0: no cap.
     """
 
     def __init__(self, jsonl: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, tiler: Tiler | None = None, *,
                  image_root: str | os.PathLike | None = None, max_tiles: int = 12, tokens_per_tile: int = 256,
                  max_length: int | None = None, template: str | ChatTemplate = "chatml",
                  system_message: str | None = None, add_bos: bool | None = None, scan_images: bool = True,
-                 skip_log_dir: str | os.PathLike | None = None):
+                 skip_log_dir: str | os.PathLike | None = None, max_pixels: int | None = None):
         files = [Path(jsonl)] if isinstance(jsonl, (str, os.PathLike)) else [Path(p) for p in jsonl]
         if not files:
             raise ValueError("jsonl=[]: expected at least one JSONL file")
@@ -263,6 +267,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.encoder = ConversationTokenizer(tokenizer, tokens_per_tile=tokens_per_tile, template=template,
                                              system_message=system_message, add_bos=add_bos)
         self.max_tiles, self.max_length = max_tiles, max_length
+        self.max_pixels = max_pixels_setting(max_pixels) or 0  # resolved once: workers see the same cap
         self.skip_log_dir = Path(skip_log_dir) if skip_log_dir is not None else None
         root = Path(image_root) if image_root is not None else None
         self._summary = SkipSummary(source=", ".join(str(f) for f in files), lines=0, usable=0)
@@ -310,10 +315,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             if not path.is_file():
                 raise BadRecord("missing_image", f"{rec.where}: {path} does not exist")
             try:
-                with Image.open(path) as im:  # reads the header only
-                    width, height = im.size
-            except Exception as e:  # PIL raises several types for an unreadable file
-                raise BadRecord("unreadable_image", f"{rec.where}: {path}: {type(e).__name__}: {e}") from None
+                width, height = check_image(path, max_pixels=self.max_pixels)  # reads the header only
+            except ImageError as e:
+                raise BadRecord("unreadable_image" if e.reason == "corrupt_image" else e.reason, f"{rec.where}: {e}") from None
             tiles.append(self.tiler.num_tiles(width, height, self._per_image_max(len(rec.images))))
         rec.tiles = tiles
         ids, labels = self.encoder(rec.turns, tiles)
@@ -331,14 +335,14 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _build(self, rec: _Record) -> dict[str, Any]:
         pixels = []
         for path in rec.images:
+            if not path.is_file():
+                raise BadRecord("missing_image", f"{rec.where}: {path} does not exist")
             try:
-                with Image.open(path) as im:
-                    im.load()
-                    pixels.append(self.tiler(im, self._per_image_max(len(rec.images))))
-            except FileNotFoundError as e:
-                raise BadRecord("missing_image", f"{rec.where}: {path}: {e}") from None
-            except Exception as e:  # a decode error: truncated or corrupt pixel data
-                raise BadRecord("corrupt_image", f"{rec.where}: {path}: {type(e).__name__}: {e}") from None
+                im = load_image(path, max_pixels=self.max_pixels, mode=None)
+            except ImageError as e:  # a decode error (truncated or corrupt pixel data), or over the cap
+                raise BadRecord(e.reason, f"{rec.where}: {e}") from None
+            with im:
+                pixels.append(self.tiler(im, self._per_image_max(len(rec.images))))
         tiles = [p.shape[0] for p in pixels]
         ids, labels = self.encoder(rec.turns, tiles)
         self._check_encoded(rec, ids, labels)

@@ -11,7 +11,12 @@ The output keeps the first checkpoint's layout: the same shard files with the sa
 each (and its ``model.safetensors.index.json``), and its other files (``config.json``, tokenizer
 and processor files, remote code). Trainer state (optimizer, scheduler, RNG, ``trainer_state.json``)
 is not copied: it belongs to one run, not to the average. Everything is written to a temporary
-folder next to the output and renamed into place, so a killed merge leaves no half-written model.
+folder next to the output and renamed into place, so a killed merge leaves no half-written model;
+the hidden ``.OUT.tmp-PID`` folders of merges that died (their pid is gone from this host) are
+removed by the next merge into ``OUT``. The merge holds a lock on ``OUT`` while it runs
+(:class:`fcot.train.checkpoint.FolderLock`), so two merges into one folder cannot interleave.
+A result that is not finite where every input is (NaN in an input, or an overflow) is an error
+before anything is written to ``OUT``; a full disk removes the partial write and says so.
 Memory: one output shard plus one tensor per input checkpoint at a time.
 """
 
@@ -20,14 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from fcot.train.checkpoint import FolderLock, damaged_file_error, pid_alive, raise_if_disk_full
 
 logger = logging.getLogger("fcot.train")
 
@@ -63,7 +71,7 @@ def read_layout(checkpoint: str | os.PathLike) -> tuple[dict[str, TensorInfo], d
     layout: dict[str, TensorInfo] = {}
     metadata: dict[str, dict[str, str] | None] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             metadata[path.name] = f.metadata()
             for key in f.keys():
                 if key in layout:
@@ -71,6 +79,16 @@ def read_layout(checkpoint: str | os.PathLike) -> tuple[dict[str, TensorInfo], d
                 s = f.get_slice(key)
                 layout[key] = TensorInfo(path.name, tuple(s.get_shape()), s.get_dtype())
     return layout, metadata
+
+
+def open_safetensors(path: str | os.PathLike):
+    """``safe_open(path)``; a file that is not a whole safetensors file (truncated, empty, another
+    format) is a :class:`fcot.train.checkpoint.DamagedFileError` naming it (safetensors checks
+    that the header covers the file)."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise damaged_file_error(path, e) from None
 
 
 def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -82,10 +100,16 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise MergeError(f"weights={weights}: {len(weights)} weights for {n} checkpoints; give one per checkpoint")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise MergeError(f"weights={weights}: every weight must be finite and >= 0")
-    total = sum(weights)
-    if total <= 0:
-        raise MergeError(f"weights={weights}: the weights sum to {total}; at least one must be positive")
-    return [w / total for w in weights]
+    top = max(weights)
+    if top <= 0:
+        raise MergeError(f"weights={weights}: the weights sum to 0.0; at least one must be positive")
+    # Scale by the largest first: the sum of huge weights (1e308 + 1e308) would overflow to inf.
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    normalised = [w / total for w in scaled]
+    if not all(math.isfinite(w) for w in normalised) or not any(normalised):
+        raise MergeError(f"weights={weights}: they do not normalise to finite weights with a positive sum")
+    return normalised
 
 
 def check_compatible(checkpoints: Sequence[Path], layouts: Sequence[dict[str, TensorInfo]]) -> None:
@@ -122,7 +146,16 @@ def _average(key: str, tensors: list[torch.Tensor], weights: list[float], checkp
     for t, w in zip(tensors, weights):
         if w:
             acc.add_(t.to(acc_dtype), alpha=w)
-    return acc.to(first.dtype)
+    out = acc.to(first.dtype)
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        # Allowed only where every checkpoint holds the same infinity (a -inf mask buffer, say).
+        if not all(torch.equal(t[bad], first[bad]) for t in tensors):
+            culprits = [str(c) for t, c in zip(tensors, checkpoints) if not torch.isfinite(t).all()]
+            why = f"non-finite values in {culprits}" if culprits else f"overflow of {first.dtype}"
+            raise MergeError(f"key {key!r}: the weighted average has {int(bad.sum())} non-finite element(s) ({why}); "
+                             "nothing was written. Check those checkpoints or leave them out")
+    return out
 
 
 def merge_checkpoints(out: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
@@ -142,8 +175,28 @@ def merge_checkpoints(out: str | os.PathLike, checkpoints: Sequence[str | os.Pat
     out = Path(out)
     if any(out.resolve() == c.resolve() for c in ckpts):
         raise MergeError(f"out={str(out)!r} is one of the input checkpoints: write the merge to a new folder")
+    with FolderLock(out, f"out={str(out)!r}"):
+        return _merge_locked(out, ckpts, w, overwrite=overwrite)
+
+
+def _clean_stale_temporaries(out: Path) -> None:
+    """Remove ``.OUT.tmp-PID`` / ``.OUT.old-PID`` folders of merges whose process is gone (a kill)."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(tmp|old)-(\d+)")
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        m = pattern.fullmatch(path.name)
+        if not m or int(m.group(2)) == os.getpid():
+            continue
+        if pid_alive(int(m.group(2))):
+            logger.warning("fcot merge: leaving %s: its process %s still runs", path, m.group(2))
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        logger.warning("fcot merge: removed %s, left by a merge that was killed (pid %s)", path, m.group(2))
+
+
+def _merge_locked(out: Path, ckpts: list[Path], w: list[float], *, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"out={str(out)!r} already exists: pass --overwrite (overwrite=True) to replace it")
+    _clean_stale_temporaries(out)
     for c in ckpts:
         if (c / "adapter_config.json").is_file():
             # Averaging LoRA factors is not averaging the adapted weights: (B1 A1 + B2 A2) / 2 != (B1 + B2)(A1 + A2) / 4.
@@ -170,7 +223,7 @@ def merge_checkpoints(out: str | os.PathLike, checkpoints: Sequence[str | os.Pat
                 for k, (c, layout) in enumerate(zip(ckpts, layouts)):
                     name = layout[key].file
                     if (k, name) not in handles:
-                        handles[k, name] = safe_open(c / name, framework="pt")
+                        handles[k, name] = open_safetensors(c / name)
                     tensors.append(handles[k, name].get_tensor(key))
                 merged[key] = _average(key, tensors, w, ckpts)
             save_file(merged, tmp / shard, metadata=read[0][1][shard] or {"format": "pt"})
@@ -189,6 +242,10 @@ def merge_checkpoints(out: str | os.PathLike, checkpoints: Sequence[str | os.Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        needed = sum((ckpts[0] / f).stat().st_size for f in shards)
+        raise_if_disk_full(e, out.parent, f"writing the merge {out.name}", needed=needed)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

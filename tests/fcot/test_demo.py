@@ -10,6 +10,7 @@ import pytest
 from fcot.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0

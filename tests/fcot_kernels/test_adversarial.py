@@ -493,6 +493,7 @@ def _inject(t: torch.Tensor, value, index) -> torch.Tensor:
     return t
 
 
+@pytest.mark.slow
 @ADV_SETTINGS
 @given(
     data=st.data(),
@@ -517,6 +518,7 @@ def test_adversarial_shuffle_merge_norm(data, seed, dtype, magnitude, nonfinite,
     assert_backends_agree(lambda backend: fk.shuffle_merge_norm(x, weight=w, bias=b, backend=backend, **kw), ALL, dtype)
 
 
+@pytest.mark.slow
 @ADV_SETTINGS
 @given(
     data=st.data(),
@@ -553,6 +555,7 @@ def test_adversarial_compress_project(data, seed, dtype, magnitude, nonfinite, p
     assert_backends_agree(call, ["reference", *_kernels(False)], dtype, scale_tol=2.0)
 
 
+@pytest.mark.slow
 @ADV_SETTINGS
 @given(
     data=st.data(),
@@ -584,6 +587,7 @@ def test_adversarial_tome(data, seed, dtype, magnitude, nonfinite, nonfinite_in,
     assert_backends_agree(lambda backend: fk.tome_match(metric, protected=kw["protected"], backend=backend), backends, torch.float32)
 
 
+@pytest.mark.slow
 @ADV_SETTINGS
 @given(
     data=st.data(),
@@ -620,6 +624,7 @@ def test_adversarial_merged_attention(data, seed, dtype, magnitude, nonfinite, p
     )
 
 
+@pytest.mark.slow
 @ADV_SETTINGS
 @given(
     data=st.data(),

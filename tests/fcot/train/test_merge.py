@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,108 @@ def test_existing_output_needs_overwrite(tmp_path):
     merge_checkpoints(tmp_path / "m", [a, b], overwrite=True)
     assert not (tmp_path / "m" / "old.txt").exists() and (tmp_path / "m" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m"]
+
+
+# ----------------------------------------------------------------------------- faults (issue 21)
+
+
+def test_huge_weights_normalise_without_overflow(tmp_path):
+    """--weights 1e308 1e308 summed to inf and wrote an all-zero model with rc 0."""
+    models = [_model() for _ in range(2)]
+    ckpts = [_ckpt(tmp_path / f"c{k}", m) for k, m in enumerate(models)]
+    assert check_weights([1e308, 1e308], 2) == [0.5, 0.5]
+    assert check_weights([1e308, 1e-308], 2) == [1.0, 0.0]  # 1e-616 underflows to 0; the sum stays 1
+    merged = _load(merge_checkpoints(tmp_path / "m", ckpts, [1e308, 1e308]))
+    expected = (models[0]["proj.weight"].double() + models[1]["proj.weight"].double()) / 2
+    torch.testing.assert_close(merged["proj.weight"].double(), expected, atol=1e-6, rtol=1e-6)
+    assert merged["proj.weight"].abs().max() > 0
+
+
+def test_non_finite_results_are_rejected_before_anything_is_written(tmp_path):
+    base = _model()
+    bad = {**base, "proj.bias": base["proj.bias"].clone()}
+    bad["proj.bias"][3] = float("nan")
+    a, b = _ckpt(tmp_path / "a", base), _ckpt(tmp_path / "b", bad)
+    with pytest.raises(MergeError, match=r"key 'proj.bias': the weighted average has 1 non-finite element\(s\) "
+                                         r"\(non-finite values in \['.*b'\]\); nothing was written"):
+        merge_checkpoints(tmp_path / "m", [a, b])
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+    # the same infinity in every checkpoint (a -inf mask buffer) is kept
+    mask = torch.zeros(5)
+    mask[2:] = float("-inf")
+    c, d = _ckpt(tmp_path / "c", {**base, "mask": mask}), _ckpt(tmp_path / "d", {**_model(), "mask": mask})
+    assert torch.equal(_load(merge_checkpoints(tmp_path / "m2", [c, d]))["mask"], mask)
+    # fp16's largest value averaged with itself stays finite: no false alarm at the top of the range
+    big = {"w": torch.full((4,), 65504.0, dtype=torch.float16)}
+    e, f = _ckpt(tmp_path / "e", big), _ckpt(tmp_path / "f", {"w": torch.full((4,), 65504.0, dtype=torch.float16)})
+    assert torch.equal(_load(merge_checkpoints(tmp_path / "m3", [e, f]))["w"], big["w"])
+
+
+def test_a_truncated_input_checkpoint_is_named(tmp_path):
+    a, b = _ckpt(tmp_path / "a", _model()), _ckpt(tmp_path / "b", _model())
+    shard = b / "model.safetensors"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size - 10)
+    with pytest.raises(ValueError, match=rf"{shard} is damaged \(\d+ bytes; .*\): it is truncated"):
+        merge_checkpoints(tmp_path / "m", [a, b])
+    shard.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{shard} is damaged \(0 bytes"):
+        merge_checkpoints(tmp_path / "m", [a, b])
+    assert not (tmp_path / "m").exists()
+
+
+def test_stale_temporaries_of_dead_merges_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    a, b = _ckpt(tmp_path / "a", _model()), _ckpt(tmp_path / "b", _model())
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    for name in (f".m.tmp-{dead}", f".m.old-{dead}", f".m.tmp-{os.getppid()}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    merge_checkpoints(tmp_path / "m", [a, b])
+    assert not (tmp_path / f".m.tmp-{dead}").exists() and not (tmp_path / f".m.old-{dead}").exists()
+    assert (tmp_path / f".m.tmp-{os.getppid()}").exists()  # a live process: not ours to remove
+
+
+def test_disk_full_cleans_up_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import fcot.train.merge as merge
+
+    a, b = _ckpt(tmp_path / "a", _model()), _ckpt(tmp_path / "b", _model())
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge, "save_file", full)
+    with pytest.raises(OSError, match=rf"no space left on device: writing the merge m in {tmp_path} needs about \d+"):
+        merge_checkpoints(tmp_path / "m", [a, b])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no tmp, no lock, no output
+
+
+def test_a_merge_into_a_locked_output_is_refused(tmp_path):
+    from fcot.train.checkpoint import FolderLock, RunLockedError
+
+    a, b = _ckpt(tmp_path / "a", _model()), _ckpt(tmp_path / "b", _model())
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom fcot.train.checkpoint import FolderLock\n"
+            "FolderLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)\n")
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "m")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"out='.*m' is in use by another run: pid {proc.pid}"):
+            merge_checkpoints(tmp_path / "m", [a, b])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "m").exists()
+    with FolderLock(tmp_path / "m") as lock:
+        merge_checkpoints(tmp_path / "m", [a, b], overwrite=True)  # this process's own lock: re-entrant
+        assert lock.path.exists()  # still held after the inner release
+    assert not lock.path.exists()

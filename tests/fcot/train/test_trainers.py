@@ -238,6 +238,7 @@ def test_cli_distill_merge_posttrain(data, tmp_path, capsys):
     assert "training.label_smoothing_factor=0.1: not supported" in err
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_hold_equal_weights(data, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "check.py"

@@ -182,6 +182,7 @@ REAL_WIDTHS = [
 ]
 
 
+@pytest.mark.slow
 @needs_backend
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", REAL_WIDTHS, ids=lambda c: f"{4 * c[0]}-{c[1]}-{c[2]}-m{c[3]}-{c[4]}-{str(c[5])[6:]}")
@@ -236,6 +237,7 @@ def test_non_contiguous_x_and_odd_tiles():
     check_against_reference(BACKENDS[0], x, p, grid=(8, 12), merge=4, mode="dwconv")
 
 
+@pytest.mark.slow
 @needs_backend
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(

@@ -175,6 +175,7 @@ def test_ignored_rows_get_zero_gradient_and_do_not_count(backend):
     assert_close(grads2[1], grads[1], name="dweight")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v,dtype", [(92553, torch.float32), (151655, torch.float32), (92553, torch.bfloat16)])
@@ -208,6 +209,7 @@ def test_empty_batch(backend):
     assert grads[0].shape == (0, 8) and torch.equal(grads[1], torch.zeros_like(grads[1]))
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=12, deadline=None)

@@ -119,6 +119,7 @@ def test_low_precision(dtype, causal):
     _check_against_reference(q, k, v, bias, causal=causal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model,hq,hkv,d",
     [("InternVL2-1B", 14, 2, 64), ("InternVL2-4B", 32, 32, 96), ("InternVL2-8B", 32, 8, 128)],
@@ -200,6 +201,7 @@ def test_varlen_equals_batched_per_sequence():
         q0, k0 = q0 + a, k0 + c
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(
     lengths=st.lists(st.tuples(st.integers(1, 24), st.integers(1, 24)), min_size=1, max_size=3),

@@ -168,6 +168,7 @@ def test_bf16_activations_with_fp32_parameters(backend):
     assert_matches_reference(out, exact, eager)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
 @settings(max_examples=25, deadline=None)
 @given(

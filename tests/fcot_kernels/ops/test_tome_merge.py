@@ -279,6 +279,7 @@ def test_bad_inputs():
             fk.tome_merge(x, r=1, backend="cuda")
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(
     b=st.integers(1, 3),
