@@ -9,9 +9,11 @@ DeepSpeed/FSDP, ...), passed through unchanged::
     distill:  {temperature: 1.0, kl_weight: 1.0, ce_weight: 0.1, divergence: forward_kl}
     training: {learning_rate: 1.0e-4, per_device_train_batch_size: 2, max_steps: 200}
 
-Command-line overrides win over the file: ``--set data.max_tiles=4`` (the text is read as the
-option's declared type: ``--set training.save_strategy=no`` is the string "no", not YAML's
-False) and the per-option flags every subcommand has (``--compressor``, ``--ratio``,
+Each section is a dataclass whose fields carry their help text in ``metadata["help"]`` (what
+``--help`` prints). Command-line overrides win over the file: ``--set data.max_tiles=4`` (the
+text is read as the option's declared type by ``HfArgumentParser`` over the section's dataclass,
+or over ``TrainingArguments`` for ``training.*``, as TRL's ``TrlParser`` reads its CLI:
+``--set training.save_strategy=no`` is the string "no", not YAML's False) and the per-option flags every subcommand has (``--compressor``, ``--ratio``,
 ``--fused/--no-fused``, ``--backend``, ``--output-dir``, ``--overwrite``, ``--seed``). Every
 field is checked when the config is built (type, range, choices, files that must exist), with
 an error naming the option to change, so a bad config fails before any model is loaded or any
@@ -24,13 +26,11 @@ Compressor and backend names come from their registries (:data:`fcot.compress.CO
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
-import inspect
+import functools
 import os
 import re
-import textwrap
 import types
 import typing
 import warnings
@@ -74,73 +74,75 @@ class CliText(str):
 
 
 _NULLS = ("null", "none", "~", "")
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def parse_cli_text(where: str, text: str, tp: Any) -> Any:
-    """``text`` as a value of the annotation ``tp`` (bool, int, float, str, enums, lists, dicts, X | None)."""
-    import enum
+def _argparse_error(message: str) -> typing.NoReturn:
+    raise ConfigError(message)
 
+
+@functools.lru_cache(maxsize=None)
+def _cli_parser(cls: type):
+    """``HfArgumentParser`` over ``cls``'s fields (a config section, or ``TrainingArguments``):
+    it reads command-line text as each field's declared type, as TRL's ``TrlParser`` does; its
+    errors become :class:`ConfigError`."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls)
+    parser.error = _argparse_error
+    return parser
+
+
+def _expected(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) \
+        else [tp]
+    words = {int: "an integer", float: "a number", bool: "true or false"}
+    return " or ".join(words.get(a, _type_name(a)) for a in args)
+
+
+def read_cli_values(section: str, cls: type, texts: dict[str, str]) -> dict[str, Any]:
+    """``--set`` texts of ``section`` (a dataclass ``cls``) read as their fields' declared types by
+    ``HfArgumentParser``: ``training.save_strategy=no`` stays the string "no" (YAML would read
+    False), ``1e-4`` is a float, ``null`` unsets an optional field, lists take YAML or commas."""
     import yaml
 
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if text.strip().lower() in _NULLS and type(None) in args:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        # A plain string choice (str, an enum of strings) takes the text as it is.
-        if any(a is str or (isinstance(a, type) and issubclass(a, enum.Enum)) for a in rest):
-            if not any(a in (int, float, bool) for a in rest):
-                return text
-        for arg in rest:
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, text in texts.items():
+        tp = hints[key]
+        where = f"{section}.{key}={text!r}"
+        optional = typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+        if optional and text.strip().lower() in _NULLS:
+            out[key] = None
+            continue
+        if "dict" in str(tp):  # structured options (fsdp_config, lr_scheduler_kwargs, ...): YAML
             try:
-                return parse_cli_text(where, text, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}")
-    if tp is bool:
-        low = text.strip().lower()
-        if low in _TRUE or low in _FALSE:
-            return low in _TRUE
-        raise ConfigError(f"{where}: expected true or false")
-    if tp is int:
+                out[key] = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: not valid YAML: {e}") from None
+            continue
+        items = [text]
+        if typing.get_origin(tp) is list or "list[" in str(tp):
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError:
+                loaded = None
+            items = [str(v) for v in loaded] if isinstance(loaded, list) else [v.strip() for v in text.split(",")]
         try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number") from None
-    if tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
-        return text
-    if origin is list or tp is list:
-        (item,) = args or (str,)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = None
-        if not isinstance(value, list):
-            value = [v.strip() for v in text.split(",")] if text.strip() else []
-        return [parse_cli_text(where, str(v), item) if not isinstance(v, item) else v for v in value]
-    try:  # dicts and anything structured: YAML
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+            namespace, _ = _cli_parser(cls).parse_known_args([f"--{key}", *items])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: expected {_expected(tp)} ({e})") from None
+        out[key] = getattr(namespace, key)
+    return out
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field whose help text lives in its metadata (``HfArgumentParser`` and ``--help`` read it)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"doc\"\"\"``)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    """Each field's help text (its ``metadata["help"]``), by name."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def _type_name(tp: Any) -> str:
@@ -150,8 +152,6 @@ def _type_name(tp: Any) -> str:
 def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[str], X | None)."""
     where = f"{section}.{name}={value!r}"
-    if isinstance(value, CliText):
-        value = parse_cli_text(where, str(value), tp)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -219,24 +219,30 @@ class CommonConfig(_Section):
     """Options every training subcommand shares."""
 
     SECTION = "common"
-    model: str = ""
-    """Base InternVL model: a local folder or a Hugging Face hub id (transformers-native or OpenGVLab remote code)."""
-    compressor: str = "conv"
-    """Visual-token compressor, a name in the ``fcot.compress`` registry (none, avg, dwconv, conv, tome, prune, and any registered later)."""
-    ratio: float | None = None
-    """Fraction of visual tokens removed: 0.5 keeps 128 of 256 per tile, 0.75 keeps 64; unset: 0.5 (0 for compressor none, the one encoding of no compression)."""
-    fused: bool = True
-    """Use fcot's fused kernels (compressed projector, distillation loss); false runs the reference ops."""
-    backend: str | None = None
-    """Kernel backend (``fcot_kernels.dispatch``): auto, reference, triton or cuda; unset uses FCOT_BACKEND or auto."""
-    output_dir: str = "runs/fcot"
-    """Run folder: config, metrics JSONL, checkpoints, report."""
-    overwrite: bool = False
-    """Replace an output_dir that already holds a different run (otherwise that is an error)."""
-    seed: int = 0
-    """Seed for initialisation, data order and dropout (also TrainingArguments.seed)."""
-    trust_remote_code: bool = False
-    """Run the model folder's own Python code (needed for OpenGVLab's remote-code InternVL checkpoints)."""
+    model: str = option("", help=(
+        "Base InternVL model: a local folder or a Hugging Face hub id (transformers-native or OpenGVLab "
+        "remote code)."))
+    compressor: str = option("conv", help=(
+        "Visual-token compressor, a name in the ``fcot.compress`` registry (none, avg, dwconv, conv, "
+        "tome, prune, and any registered later)."))
+    ratio: float | None = option(None, help=(
+        "Fraction of visual tokens removed: 0.5 keeps 128 of 256 per tile, 0.75 keeps 64; unset: 0.5 (0 "
+        "for compressor none, the one encoding of no compression)."))
+    fused: bool = option(True, help=(
+        "Use fcot's fused kernels (compressed projector, distillation loss); false runs the reference "
+        "ops."))
+    backend: str | None = option(None, help=(
+        "Kernel backend (``fcot_kernels.dispatch``): auto, reference, triton or cuda; unset uses "
+        "FCOT_BACKEND or auto."))
+    output_dir: str = option("runs/fcot", help=(
+        "Run folder: config, metrics JSONL, checkpoints, report."))
+    overwrite: bool = option(False, help=(
+        "Replace an output_dir that already holds a different run (otherwise that is an error)."))
+    seed: int = option(0, help=(
+        "Seed for initialisation, data order and dropout (also TrainingArguments.seed)."))
+    trust_remote_code: bool = option(False, help=(
+        "Run the model folder's own Python code (needed for OpenGVLab's remote-code InternVL "
+        "checkpoints)."))
 
     def validate(self) -> None:
         if not self.model:
@@ -282,22 +288,23 @@ class DataConfig(_Section):
     """The training data (InternVL conversation JSONL, see ``fcot.data.records``)."""
 
     SECTION = "data"
-    jsonl: list[str] = field(default_factory=list)
-    """JSONL file(s) of conversation records, read in order."""
-    image_root: str | None = None
-    """Folder that relative image paths are resolved against; unset: each JSONL file's folder."""
-    family: str = "auto"
-    """Model family whose tiling the data uses: auto (the model's own) or a registered family's model_type (fcot.models: internvl, internvl_chat, ...)."""
-    max_tiles: int = 12
-    """Most 448px tiles per image, thumbnail excluded (InternVL trains with 12)."""
-    max_length: int | None = None
-    """Records longer than this many tokens are skipped and counted; unset keeps all."""
-    template: str = "chatml"
-    """Chat format: chatml (InternVL2-1B/2B/8B/26B, 2.5, 3) or phi3 (InternVL2-4B)."""
-    system_message: str | None = None
-    """System message for records without a system turn; unset: none."""
-    num_workers: int = 0
-    """DataLoader worker processes (also TrainingArguments.dataloader_num_workers)."""
+    jsonl: list[str] = option(default_factory=list, help=(
+        "JSONL file(s) of conversation records, read in order."))
+    image_root: str | None = option(None, help=(
+        "Folder that relative image paths are resolved against; unset: each JSONL file's folder."))
+    family: str = option("auto", help=(
+        "Model family whose tiling the data uses: auto (the model's own) or a registered family's "
+        "model_type (fcot.models: internvl, internvl_chat, ...)."))
+    max_tiles: int = option(12, help=(
+        "Most 448px tiles per image, thumbnail excluded (InternVL trains with 12)."))
+    max_length: int | None = option(None, help=(
+        "Records longer than this many tokens are skipped and counted; unset keeps all."))
+    template: str = option("chatml", help=(
+        "Chat format: chatml (InternVL2-1B/2B/8B/26B, 2.5, 3) or phi3 (InternVL2-4B)."))
+    system_message: str | None = option(None, help=(
+        "System message for records without a system turn; unset: none."))
+    num_workers: int = option(0, help=(
+        "DataLoader worker processes (also TrainingArguments.dataloader_num_workers)."))
 
     def validate(self) -> None:
         if not self.jsonl:
@@ -325,18 +332,18 @@ class DistillConfig(_Section):
     """Stage 1, re-alignment by self-distillation: the loss."""
 
     SECTION = "distill"
-    temperature: float = 1.0
-    """Softmax temperature T of teacher and student logits; the divergence is scaled by T**2."""
-    kl_weight: float = 1.0
-    """Weight of the teacher-student divergence on the answer tokens."""
-    ce_weight: float = 0.0
-    """Weight of the student's cross-entropy on the answer labels (temperature 1)."""
-    divergence: str = "forward_kl"
-    """forward_kl (KL(teacher || student), the paper's), reverse_kl or jsd."""
-    beta: float = 0.5
-    """JSD mixture weight of the teacher, in (0, 1); only used with divergence jsd."""
-    gradient_checkpointing: bool = False
-    """Recompute the student's LLM activations in backward to save memory."""
+    temperature: float = option(1.0, help=(
+        "Softmax temperature T of teacher and student logits; the divergence is scaled by T**2."))
+    kl_weight: float = option(1.0, help=(
+        "Weight of the teacher-student divergence on the answer tokens."))
+    ce_weight: float = option(0.0, help=(
+        "Weight of the student's cross-entropy on the answer labels (temperature 1)."))
+    divergence: str = option("forward_kl", help=(
+        "forward_kl (KL(teacher || student), the paper's), reverse_kl or jsd."))
+    beta: float = option(0.5, help=(
+        "JSD mixture weight of the teacher, in (0, 1); only used with divergence jsd."))
+    gradient_checkpointing: bool = option(False, help=(
+        "Recompute the student's LLM activations in backward to save memory."))
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -360,20 +367,21 @@ class PosttrainConfig(_Section):
     """Stage 2, post-training: which weights learn."""
 
     SECTION = "posttrain"
-    lora: bool = False
-    """Train the LLM through LoRA adapters (peft) instead of all its weights; saved merged into the weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """LLM modules that get adapters (peft names; all-linear: every Linear but the LM head)."""
-    train_vision: bool = False
-    """Also train the ViT (FCoT-VL keeps it frozen)."""
-    gradient_checkpointing: bool = False
-    """Recompute the LLM's activations in backward to save memory."""
+    lora: bool = option(False, help=(
+        "Train the LLM through LoRA adapters (peft) instead of all its weights; saved merged into the "
+        "weights."))
+    lora_r: int = option(16, help=(
+        "LoRA rank."))
+    lora_alpha: int = option(32, help=(
+        "LoRA scaling numerator (scale = lora_alpha / lora_r)."))
+    lora_dropout: float = option(0.05, help=(
+        "Dropout on the LoRA branch."))
+    lora_target_modules: list[str] = option(default_factory=lambda: ["all-linear"], help=(
+        "LLM modules that get adapters (peft names; all-linear: every Linear but the LM head)."))
+    train_vision: bool = option(False, help=(
+        "Also train the ViT (FCoT-VL keeps it frozen)."))
+    gradient_checkpointing: bool = option(False, help=(
+        "Recompute the LLM's activations in backward to save memory."))
 
     def validate(self) -> None:
         if self.lora_r < 1:
@@ -428,15 +436,6 @@ TRAINING_REFUSED: dict[str, str] = {
 refused when the config is built, with what to use instead."""
 
 
-def _training_field_types() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    hints = {}
-    for f in dataclasses.fields(TrainingArguments):
-        hints[f.name] = f.type
-    return hints
-
-
 def _check_training(training: dict[str, Any]) -> dict[str, Any]:
     """Check the ``training`` keys against ``TrainingArguments`` and :data:`TRAINING_REFUSED`; read
     ``--set`` text as each option's declared type and numeric strings of float options."""
@@ -445,15 +444,12 @@ def _check_training(training: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
-    types_ = _training_field_types()
     out = {}
     for key, value in training.items():
         if key in _FROM_COMMON:
             raise ConfigError(f"training.{key}: set {_FROM_COMMON[key]} instead (fcot passes it to TrainingArguments)")
         if isinstance(value, CliText) and key in fields:
-            tp = types_[key]
-            value = parse_cli_text(f"training.{key}={str(value)!r}", str(value),
-                                   tp if not isinstance(tp, str) else Any)
+            value = read_cli_values("training", TrainingArguments, {key: str(value)})[key]
         if key in TRAINING_REFUSED:  # before the field check: some are gone from newer transformers
             shown = str(value) if isinstance(value, CliText) else value
             raise ConfigError(f"training.{key}={shown!r}: not supported by fcot's trainers: {TRAINING_REFUSED[key]}")
@@ -519,7 +515,8 @@ def _section(name: str, cls: type[_Section], values: Any) -> _Section:
             close = difflib.get_close_matches(key, known, n=3)
             raise ConfigError(f"{name}.{key}: unknown option" + (f" (did you mean {close}?)" if close else "")
                               + f"; {name} options are {known}")
-    return cls(**values)
+    texts = {k: str(v) for k, v in values.items() if isinstance(v, CliText)}
+    return cls(**{**values, **read_cli_values(name, cls, texts)})
 
 
 def build_config(stage: str, raw: dict[str, Any]) -> RunConfig:

@@ -68,6 +68,7 @@ def _losses(out):
     return [m["loss"] for m in read_metrics(out) if "loss" in m]
 
 
+@pytest.mark.slow  # two torchrun launches of 2 processes each (about 25 s per stage on 2 cores)
 @pytest.mark.parametrize("stage", ["distill", "posttrain"])
 def test_torchrun_fsdp_full_shard_on_cpu_shards_and_matches_one_process(data, tmp_path, stage):
     single = tmp_path / "single"
