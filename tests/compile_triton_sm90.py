@@ -307,15 +307,15 @@ def gemm_jobs() -> list[Job]:
 # ----------------------------------------------------------------------------- fused_linear_distill
 
 
-def _fld(dtype, div: str, labels, ce: bool, ce_lse: bool, mean: bool, grad: bool) -> Job:
+def _fld(dtype, div: str, labels, ce: bool, ce_lse: bool, mean: bool, grad: bool, kl: bool = True) -> Job:
     consts, opts = _split(FLD._meta(VOCAB, CUDA))
-    consts.update(DIV=FLD.DIV_CODES[div], HAS_LABELS=labels is not None, HAS_CE=ce, CE_LSE=ce_lse,
+    consts.update(DIV=FLD.DIV_CODES[div], HAS_KL=kl, HAS_LABELS=labels is not None, HAS_CE=ce, CE_LSE=ce_lse,
                   MEAN=mean, COMPUTE_GRAD=grad)
     p = dict(zs_ptr=dtype, zt_ptr=dtype, labels_ptr=labels if labels is not None else torch.float32,
              count_ptr=torch.int64, loss_ptr=torch.float32)
     scalars = dict.fromkeys(("inv_t", "kl_scale", "ce_scale", "beta", "log_beta", "log_1mbeta"), "fp32")
     lab = "labels=" + ("none" if labels is None else str(labels).replace("torch.", ""))
-    label = f"{div} {lab} ce={int(ce)} ce_lse={int(ce_lse)} mean={int(mean)} grad={int(grad)} V={VOCAB} {SHORT[dtype]}"
+    label = f"{div if kl else 'ce-only'} {lab} ce={int(ce)} ce_lse={int(ce_lse)} mean={int(mean)} grad={int(grad)} V={VOCAB} {SHORT[dtype]}"
     chunk = FLD.default_chunk(FLD_TOKENS, VOCAB)
     vp = FLD.padded_width(VOCAB)  # the launcher's padded row stride of the chunk logits buffers
     ints = dict(R=chunk, V=VOCAB, VP=FLD.padded_width(VOCAB, 16), stride_s=vp, stride_t=vp, ignore_index=-100)
@@ -336,6 +336,11 @@ def fld_jobs() -> list[Job]:
         for dtype in (torch.float16, torch.float32):
             jobs.append(_fld(dtype, div, torch.int64, True, True, True, True))
     jobs.append(_fld(torch.bfloat16, "forward_kl", torch.int32, True, True, True, True))
+    # Cross-entropy only (kl_weight=0, stage 2): the launcher's one specialisation (DIV=0, CE at
+    # its own T = 1 log-sum-exp), with and without the gradient, in each dtype.
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        jobs.append(_fld(dtype, "forward_kl", torch.int64, True, True, True, True, kl=False))
+    jobs.append(_fld(torch.bfloat16, "forward_kl", torch.int64, True, True, True, False, kl=False))
     return jobs
 
 

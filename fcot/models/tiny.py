@@ -11,10 +11,12 @@ processor is transformers' tiling one at 64px.
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 TINY_NAMES = ("tiny",)
 """Values of ``common.model`` that build this model instead of loading one."""
@@ -74,25 +76,56 @@ def tiny_config(vocab_size: int, image_token_id: int, *, image_size: int = 64, p
                          max_position_embeddings=8192, tie_word_embeddings=False),
         image_token_id=image_token_id, downsample_ratio=0.5, projector_hidden_act="gelu",
         image_seq_length=(image_size // patch_size) ** 2 // 4,
+        # Untied head, said on the top-level config as well as in text_config: transformers 5
+        # reads the top-level flag (whose default is True) and would tie lm_head to the embeddings.
+        tie_word_embeddings=False,
     )
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s values in :func:`build_tiny`: a function of the run seed and
+    the parameter's name only (not of the order parameters are created or visited, nor of the
+    random numbers transformers' own init draws)."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def init_value(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 value :func:`build_tiny` gives parameter ``name``: 1-D weights (norms, layer scales)
+    ``1 + 0.1 z``, 1-D biases and tokens ``0.1 z``, matrices ``0.05 z``, with ``z`` standard
+    normal from a CPU generator seeded by :func:`param_seed`."""
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+    if len(shape) == 1:
+        return z * 0.1 + (1.0 if name.endswith("weight") else 0.0)
+    return z * 0.05
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give the LM head its own weight if it shares the input embeddings' (whatever the installed
+    transformers did with ``tie_word_embeddings``), and record the model as untied."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.untyped_storage().data_ptr() == embed.weight.untyped_storage().data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone())
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None:
+            cfg.tie_word_embeddings = False
 
 
 def build_tiny(seed: int = 0, *, dtype: torch.dtype = torch.float32, **config_kwargs: Any) -> TinyBundle:
     """A random-weight tiny ``InternVLForConditionalGeneration`` (eval mode), its byte-level
-    tokenizer and its 64px image processor. Same ``seed`` -> same weights, on any machine."""
+    tokenizer and its 64px image processor. Its LM head is NOT tied to the embeddings. Every
+    parameter is set by :func:`init_value` from ``seed`` and its name, so the same ``seed`` gives
+    the same weights on any machine and any transformers version with the same parameter names
+    (transformers' own init, whose draws differ between versions, is overwritten)."""
     import transformers
 
     tokenizer = tiny_tokenizer()
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), **config_kwargs)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng():  # transformers' init draws from the global RNG: leave it as it was
         model = transformers.InternVLForConditionalGeneration(config)
-        with torch.no_grad():  # explicit init: transformers' default init differs between versions
-            for name, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-                else:
-                    p.copy_(torch.randn_like(p) * 0.05)
+    untie_head(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_value(seed, name, tuple(p.shape)))
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     for cfg in (model.config, model.config.text_config, model.generation_config):
@@ -102,4 +135,5 @@ def build_tiny(seed: int = 0, *, dtype: torch.dtype = torch.float32, **config_kw
     return TinyBundle(model.to(dtype).eval(), tokenizer, tiny_image_processor(size))
 
 
-__all__ = ["TINY_NAMES", "TinyBundle", "build_tiny", "tiny_config", "tiny_image_processor", "tiny_tokenizer"]
+__all__ = ["TINY_NAMES", "TinyBundle", "build_tiny", "init_value", "param_seed", "tiny_config", "tiny_image_processor",
+           "tiny_tokenizer", "untie_head"]

@@ -8,29 +8,35 @@ frozen). Per batch the frozen ViT runs once, without a graph; the teacher path (
 shuffle + projector, LLM) runs under ``torch.no_grad``; the student path (fcot projector, the
 same LLM with a graph) gives the student's hidden states. The answer tokens of the two
 sequences (the teacher's has more image tokens) are paired by
-:func:`fcot.distill.pair_answer_tokens`, and :class:`DistillTrainer` computes the loss through
-the LM head with :func:`fcot_kernels.fused_linear_distill` (its fused backend when
-``common.fused``, the reference otherwise). Only V_c and A_s have ``requires_grad``.
+:func:`fcot.distill.pair_answer_tokens`, and the module's forward computes the loss through the
+LM head with :func:`fcot_kernels.fused_linear_distill` (its fused backend when
+``common.fused``, the reference otherwise). Only V_c and A_s have ``requires_grad``; everything
+else stays in eval mode while training (:class:`fcot.train.trainer.TrainModule`).
+
+On the steps the trainer logs, the forward also returns, without a graph, the parts of the loss
+on the answer tokens: ``kl`` (the divergence at temperature T, before ``T**2`` and weights),
+``ce`` (the student's cross-entropy) and ``agreement`` (the fraction of answer tokens where the
+student's top token is the teacher's); they go to ``metrics.jsonl`` next to the loss.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fcot_kernels as fk
 from fcot.distill import pair_answer_tokens
+from fcot.models import get_family
 from fcot.models.base import FcotError
-from fcot.train.config import ConfigError, RunConfig
-from fcot.train.engine import (DistillCollator, FcotTrainer, ResizeImageTokens, TrainModule, build_dataset, compress,
-                               head_weights, load_base, load_weights_into, finish_run,
-                               loss_backend, metrics_callback_class, pad_token_id, check_run, start_run, shifted,
-                               training_arguments, visual_tokens_per_tile)
+from fcot.train.config import RunConfig
+from fcot.train.engine import DistillCollator, ResizeImageTokens, compress, head_weights, loss_backend, pad_token_id, shifted
+from fcot.train.trainer import PART_PREFIX, FcotTrainer, Stage, TrainModule, build_trainer, run
 
-logger = logging.getLogger("fcot.train")
+AGREEMENT_CHUNK = 1024
+"""Rows per chunk of the logged top-token agreement (two ``(chunk, V)`` logits at a time)."""
 
 
 class DistillModule(TrainModule):
@@ -44,11 +50,10 @@ class DistillModule(TrainModule):
         if is_patched(model):
             raise FcotError("DistillModule needs the uncompressed model (the teacher); got one already patched by "
                             "fcot.apply_fcot: pass the original model, or fcot.revert_fcot(model) first")
-        probe = ModelPartsProbe(model)
-        teacher_projector = getattr(probe.owner, probe.projector_attr)
+        owner, attr = get_family(model).projector_slot(model)
+        teacher_projector = getattr(owner, attr)
         compress(model, tokenizer, cfg)
-        super().__init__(model, tokenizer)
-        self.cfg = cfg
+        super().__init__(model, tokenizer, cfg)
         self.teacher_projector = teacher_projector
         for p in self.parameters():
             p.requires_grad_(False)
@@ -60,9 +65,9 @@ class DistillModule(TrainModule):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def forward(self, input_ids, attention_mask, labels, student_input_ids, student_attention_mask, student_labels,
-                pixel_values=None, num_tiles=None):
-        """Returns ``{"student_hidden", "teacher_hidden", "labels"}``: the paired answer rows."""
+    def rows(self, input_ids, attention_mask, labels, student_input_ids, student_attention_mask, student_labels,
+             pixel_values=None, num_tiles=None) -> dict[str, torch.Tensor]:
+        """``{"student_hidden", "teacher_hidden", "labels"}``: the paired answer rows."""
         parts = self.parts
         tokens = parts.vit(pixel_values) if pixel_values is not None else None
         with torch.no_grad():
@@ -73,90 +78,84 @@ class DistillModule(TrainModule):
         paired = pair_answer_tokens(*shifted(t_hidden, labels), *shifted(s_hidden, student_labels))
         return {"student_hidden": paired.student_hidden, "teacher_hidden": paired.teacher_hidden, "labels": paired.labels}
 
-    def save_compressed(self, output_dir: str, state_dict: dict | None = None) -> None:
-        self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-
-    def load_compressed(self, checkpoint: str) -> None:
-        load_weights_into(self.model, checkpoint, self.cfg)
-
-
-class ModelPartsProbe:
-    """Where a family keeps its projector, read before patching."""
-
-    def __init__(self, model: nn.Module) -> None:
-        family = getattr(model.config, "model_type", None)
-        if family == "internvl":
-            self.owner = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
-            self.projector_attr = "multi_modal_projector"
-        elif family == "internvl_chat":
-            self.owner, self.projector_attr = model, "mlp1"
-        else:
-            raise FcotError(f"model_type {family!r} is not an InternVL family fcot trains ('internvl', 'internvl_chat')")
+    def loss_sums(self, **inputs: Any) -> dict[str, torch.Tensor]:
+        out = self.rows(**inputs)
+        out["loss_sum"] = distill_loss(out, self.parts.head, self.cfg, reduction="sum")
+        out["tokens"] = torch.tensor(out["labels"].shape[0], device=out["loss_sum"].device)
+        if self.log_parts:
+            out.update(distill_parts(out, self.parts.head, self.cfg))
+        return out
 
 
-def distill_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> torch.Tensor:
+def distill_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig, *, reduction: str = "mean") -> torch.Tensor:
     """The stage-1 loss on paired rows: ``kl_weight * T^2 * divergence + ce_weight * CE`` through
-    the LM head, by :func:`fcot_kernels.fused_linear_distill` (reference backend unless fused)."""
+    the LM head, by :func:`fcot_kernels.fused_linear_distill` (reference backend unless fused),
+    averaged (``"mean"``) or summed (``"sum"``) over the answer tokens."""
     d = cfg.distill
     s, t = out["student_hidden"], out["teacher_hidden"]
     w, b = head_weights(head, s.dtype)
     # Outside autocast: both backends then compute in the hidden states' dtype (the reference's
     # F.linear would otherwise run in the autocast dtype while the fused op does not).
+    kl = d.kl_weight != 0  # without KL the op does no teacher work; T and the divergence do not apply
     with torch.autocast(s.device.type, enabled=False):
         return fk.fused_linear_distill(
-            s, t.to(s.dtype), w, b, labels=out["labels"], temperature=d.temperature, kl_weight=d.kl_weight,
-            ce_weight=d.ce_weight, divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
-            backend=loss_backend(cfg),
+            s, t.to(s.dtype) if kl else None, w, b, labels=out["labels"], temperature=d.temperature if kl else 1.0,
+            kl_weight=d.kl_weight, ce_weight=d.ce_weight, divergence=d.divergence if kl else "forward_kl",
+            beta=d.beta if d.divergence == "jsd" and kl else 0.5, reduction=reduction, backend=loss_backend(cfg),
         )
 
 
-class DistillTrainer(FcotTrainer):
-    """``Trainer`` whose ``compute_loss`` runs :class:`DistillModule` (through the wrapped model,
-    so DDP/FSDP see the forward) and the distillation loss."""
+@torch.no_grad()
+def distill_parts(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Summed over the answer rows, without a graph: the divergence at T (no ``T**2``, no
+    weight), the student's cross-entropy, and the count of rows whose top token the student and
+    the teacher share (``sum_kl``, ``sum_ce``, ``sum_agreement``, ``sum_tokens``)."""
+    d = cfg.distill
+    s, t, labels = out["student_hidden"].detach(), out["teacher_hidden"], out["labels"]
+    w, b = head_weights(head, s.dtype)
+    w, b = w.detach(), None if b is None else b.detach()
+    backend = loss_backend(cfg)
+    with torch.autocast(s.device.type, enabled=False):
+        kl = fk.fused_linear_distill(s, t.to(s.dtype), w, b, labels=labels, temperature=d.temperature,
+                                     divergence=d.divergence, beta=d.beta if d.divergence == "jsd" else 0.5,
+                                     reduction="sum", backend=backend) / d.temperature**2
+        ce = fk.fused_linear_distill(s, None, w, b, labels=labels, kl_weight=0.0, ce_weight=1.0, reduction="sum",
+                                     backend=backend)
+        agree = s.new_zeros((), dtype=torch.float32)
+        for start in range(0, s.shape[0], AGREEMENT_CHUNK):
+            rows = slice(start, start + AGREEMENT_CHUNK)
+            same = F.linear(s[rows], w, b).argmax(-1) == F.linear(t[rows].to(s.dtype), w, b).argmax(-1)
+            agree += same.sum()
+    return {f"{PART_PREFIX}kl": kl, f"{PART_PREFIX}ce": ce, f"{PART_PREFIX}agreement": agree,
+            f"{PART_PREFIX}tokens": torch.tensor(float(s.shape[0]), device=s.device)}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(**inputs)
-        head = self.accelerator.unwrap_model(model).parts.head
-        loss = distill_loss(out, head, self.fcot_cfg)
-        return (loss, out) if return_outputs else loss
+
+def _collator(module: TrainModule, tokenizer: Any, base: int, out: int) -> DistillCollator:
+    return DistillCollator(pad_token_id(tokenizer), ResizeImageTokens(module.parts.image_token_id, base, out))
 
 
-def build_distill_trainer(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
-                          image_processor: Any = None, callbacks: list | None = None) -> DistillTrainer:
-    """A ready :class:`DistillTrainer` for ``cfg``. ``model``/``tokenizer``/``image_processor``
-    (all three, or none) replace loading ``common.model``. Does not touch the output folder:
-    :func:`run_distill` checks it first."""
+STAGE = Stage(name="distill", make_module=DistillModule, allow_compressed=False,
+              data_tokens=lambda base, out: base,  # the teacher's layout; the collator derives the student's
+              make_collator=_collator)
+
+
+def build_distill_trainer(cfg: RunConfig, **kwargs: Any) -> FcotTrainer:
+    """:func:`fcot.train.trainer.build_trainer` for a ``distill`` config."""
+    _check_stage(cfg)
+    return build_trainer(cfg, **kwargs)
+
+
+def run_distill(cfg: RunConfig, *, resume: bool = False, **kwargs: Any) -> FcotTrainer:
+    """:func:`fcot.train.trainer.run` for a ``distill`` config."""
+    _check_stage(cfg)
+    return run(cfg, resume=resume, **kwargs)
+
+
+def _check_stage(cfg: RunConfig) -> None:
+    from fcot.train.config import ConfigError
+
     if cfg.stage != "distill":
-        raise ConfigError(f"stage={cfg.stage!r}: build_distill_trainer needs a distill config")
-    if model is None:
-        model, tokenizer, image_processor = load_base(cfg, allow_compressed=False)
-    elif tokenizer is None:
-        raise ValueError("tokenizer=None: pass the model's tokenizer with model")
-    module = DistillModule(model, tokenizer, cfg)
-    base, out = visual_tokens_per_tile(module.model)
-    dataset = build_dataset(cfg, module.model, tokenizer, image_processor, tokens_per_tile=base,
-                            skip_log_dir=cfg.common.output_dir)
-    collator = DistillCollator(pad_token_id(tokenizer), ResizeImageTokens(module.parts.image_token_id, base, out))
-    args = training_arguments(cfg, logging_steps=1, save_strategy="steps", save_steps=500)
-    trainer = DistillTrainer(model=module, args=args, train_dataset=dataset, data_collator=collator,
-                             processing_class=tokenizer, callbacks=[metrics_callback_class()(), *(callbacks or [])])
-    trainer.fcot_cfg = cfg
-    trainer.fcot_image_processor = image_processor
-    logger.info("distill: %d visual tokens per tile for the teacher, %d for the student; training %s", base, out,
-                module.trainable_names())
-    return trainer
+        raise ConfigError(f"stage={cfg.stage!r}: this needs a distill config")
 
 
-def run_distill(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> DistillTrainer:
-    """Stage 1 end to end: check the output folder, train, save the compressed model to
-    ``common.output_dir`` (loadable by :func:`fcot.load_compressed`). ``resume`` continues from
-    the folder's last checkpoint."""
-    checkpoint = check_run(cfg, resume=resume)
-    trainer = build_distill_trainer(cfg, **build_kwargs)
-    start_run(cfg)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.fcot_data_summary = finish_run(trainer, cfg)
-    return trainer
-
-
-__all__ = ["DistillModule", "DistillTrainer", "build_distill_trainer", "distill_loss", "run_distill"]
+__all__ = ["DistillModule", "STAGE", "build_distill_trainer", "distill_loss", "distill_parts", "run_distill"]

@@ -1,7 +1,8 @@
-"""What both training stages share: loading the base model, the per-family model parts the
-trainers call, the data set and :class:`FcotTrainer`, the ``transformers.Trainer`` subclass both
-stages build on. The run folder (config, metrics JSONL, atomic checkpoints, resume) lives in
-:mod:`fcot.train.checkpoint`; its names are re-exported here."""
+"""What both training stages share below the trainer: loading the base model, the model parts
+the training modules call (from the model's family, :func:`fcot.models.get_family`: no
+``model_type`` branches here), the data set and collators, and ``TrainingArguments``. The
+trainer itself is :mod:`fcot.train.trainer`; the run folder (config, metrics JSONL, atomic
+checkpoints, resume) :mod:`fcot.train.checkpoint`, whose names are re-exported here."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcot.data.records import ConversationCollator, ConversationDataset, make_tiler
+from fcot.data.records import ConversationCollator, ConversationDataset
+from fcot.models import get_family
 from fcot.models.base import FcotError
+from fcot.models.family import dtype_kwarg
 from fcot.train.checkpoint import (DATA_SUMMARY_FILE, METRICS_FILE, STAGING, AtomicCheckpoints, check_run, finish_run,
                                    last_checkpoint, metrics_callback_class, read_metrics, start_run)
 from fcot.train.config import ConfigError, RunConfig
@@ -47,12 +50,12 @@ def load_base(cfg: RunConfig, *, allow_compressed: bool) -> tuple[nn.Module, Any
     except (OSError, ValueError) as e:
         raise ConfigError(f"common.model={name!r}: cannot load its config ({e}); set a local model folder, a hub id, "
                           "or common.trust_remote_code=true for OpenGVLab's remote-code checkpoints") from None
-    family = getattr(config, "model_type", None)
-    if family not in ("internvl", "internvl_chat"):
-        raise ConfigError(f"common.model={name!r} has model_type {family!r}: expected an InternVL model "
-                          "('internvl', transformers-native, or 'internvl_chat', OpenGVLab remote code)")
+    try:
+        family = get_family(config)
+    except FcotError as e:
+        raise ConfigError(f"common.model={name!r}: {e}") from None
     kwargs: dict[str, Any] = dtype_kwarg(torch.float32)
-    if family == "internvl_chat":
+    if family.needs_remote_code:
         kwargs["trust_remote_code"] = trust
     if getattr(config, "fcot", None) is not None:
         if not allow_compressed:
@@ -64,27 +67,19 @@ def load_base(cfg: RunConfig, *, allow_compressed: bool) -> tuple[nn.Module, Any
             raise ConfigError(f"common.model={name!r} was compressed with compressor={saved.compressor!r}, "
                               f"ratio={saved.ratio}, but the config asks for compressor={common.compressor!r}, "
                               f"ratio={common.ratio}: set common.compressor/common.ratio to the saved ones")
-    elif family == "internvl":
-        model = transformers.AutoModelForImageTextToText.from_pretrained(name, **kwargs)
-    else:
+    elif family.needs_remote_code:  # remote code registers its class with AutoModel only
         model = transformers.AutoModel.from_pretrained(name, **kwargs)
+    else:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     image_processor = None
-    if family == "internvl":
+    if not family.needs_remote_code:  # the remote-code family tiles in fcot (its tiler takes no processor)
         image_processor = transformers.AutoImageProcessor.from_pretrained(name)
     return model, tokenizer, image_processor
 
 
-def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained``'s dtype argument: ``dtype`` (transformers >= 4.56) or ``torch_dtype``."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
-
-
 def _patch_ratio(cfg: RunConfig) -> float:
-    return 0.0 if cfg.common.compressor == "none" else cfg.common.ratio
+    return cfg.common.ratio  # checked once, by the config (0 for compressor none)
 
 
 def _kernel_backend(cfg: RunConfig) -> str | None:
@@ -107,8 +102,10 @@ def compress(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> nn.Module:
     if is_patched(model):
         return model
     try:
-        return apply_fcot(model, compressor=cfg.common.compressor, ratio=cfg.common.ratio if cfg.common.compressor != "none"
-                          else 0.5, fused=cfg.common.fused, backend=_kernel_backend(cfg))
+        # compressor none takes no ratio (the config holds 0 for it, the one encoding).
+        ratio = {} if cfg.common.compressor == "none" else {"ratio": cfg.common.ratio}
+        return apply_fcot(model, compressor=cfg.common.compressor, fused=cfg.common.fused, backend=_kernel_backend(cfg),
+                          **ratio)
     except (FcotError, ValueError) as e:
         raise ConfigError(f"common.compressor={cfg.common.compressor!r}, common.ratio={cfg.common.ratio}: {e}") from None
 
@@ -121,36 +118,12 @@ class ModelParts:
     (the LLM without its head) and ``head`` (the LM head)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
-        family = getattr(model.config, "model_type", None)
-        self.family = family
-        if family == "internvl":
-            inner = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
-            if not hasattr(model, "lm_head"):
-                raise FcotError(f"{type(model).__name__} has no lm_head: train InternVLForConditionalGeneration")
-            self.owner, self.projector_attr = inner, "multi_modal_projector"
-            self.vision = inner.vision_tower
-            self.decoder = inner.language_model
-            self.head = model.lm_head
-            self.layer = model.config.vision_feature_layer
-            self.drop_cls = model.config.vision_feature_select_strategy == "default"
-            self.image_token_id = int(model.config.image_token_id)
-        elif family == "internvl_chat":
-            lm = model.language_model
-            self.owner, self.projector_attr = model, "mlp1"
-            self.vision = model.vision_model
-            self.decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-            self.head = lm.get_output_embeddings()
-            self.layer = int(getattr(model, "select_layer", -1))
-            self.drop_cls = True
-            token = getattr(model, "img_context_token_id", None)
-            if token is None:
-                if tokenizer is None:
-                    raise FcotError("model.img_context_token_id is None and no tokenizer was given to read <IMG_CONTEXT> from")
-                token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-                model.img_context_token_id = token
-            self.image_token_id = int(token)
-        else:
-            raise FcotError(f"model_type {family!r} is not an InternVL family fcot trains ('internvl', 'internvl_chat')")
+        family = get_family(model)
+        self.family = family.model_type
+        found = family.parts(model, tokenizer)
+        self.owner, self.projector_attr = found.owner, found.projector_attr
+        self.vision, self.decoder, self.head = found.vision, found.decoder, found.head
+        self.layer, self.drop_cls, self.image_token_id = found.layer, found.drop_cls, found.image_token_id
         if not isinstance(self.layer, int):
             raise FcotError(f"vision feature layer {self.layer!r}: fcot trains single-layer ViT features only")
         self.embeddings = self.decoder.get_input_embeddings()
@@ -220,14 +193,10 @@ def head_weights(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 
 def build_dataset(cfg: RunConfig, model: nn.Module, tokenizer: Any, image_processor: Any, *, tokens_per_tile: int,
                   skip_log_dir: str | None = None) -> ConversationDataset:
-    family = cfg.data.family if cfg.data.family != "auto" else model.config.model_type
-    if family != model.config.model_type:
-        raise ConfigError(f"data.family={cfg.data.family!r} but the model is {model.config.model_type!r}: set data.family=auto")
-    if family == "internvl":
-        tiler = make_tiler("internvl", image_processor)
-    else:
-        vision = model.config.vision_config
-        tiler = make_tiler("internvl_chat", tile_size=int(getattr(model.config, "force_image_size", None) or vision.image_size))
+    family = get_family(model)
+    if cfg.data.family not in ("auto", family.model_type):
+        raise ConfigError(f"data.family={cfg.data.family!r} but the model is {family.model_type!r}: set data.family=auto")
+    tiler = family.tiler(model.config, None if family.needs_remote_code else image_processor)
     return ConversationDataset(cfg.data.jsonl, tokenizer, tiler, image_root=cfg.data.image_root, max_tiles=cfg.data.max_tiles,
                                tokens_per_tile=tokens_per_tile, max_length=cfg.data.max_length, template=cfg.data.template,
                                system_message=cfg.data.system_message, skip_log_dir=skip_log_dir)
@@ -235,14 +204,7 @@ def build_dataset(cfg: RunConfig, model: nn.Module, tokenizer: Any, image_proces
 
 def visual_tokens_per_tile(model: nn.Module) -> tuple[int, int]:
     """``(uncompressed, compressed)`` visual tokens per tile of a patched model."""
-    section = model.config.fcot
-    if model.config.model_type == "internvl":
-        base = int(section["base"]["image_seq_length"])
-    else:
-        cfg = model.config
-        side = int(getattr(cfg, "force_image_size", None) or cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
-        base = int(side * side * float(cfg.downsample_ratio) ** 2)
-    return base, int(section["tokens_per_tile"])
+    return get_family(model).base_tokens(model.config), int(model.config.fcot["tokens_per_tile"])
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -299,57 +261,8 @@ class DistillCollator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folder: metrics, atomic checkpoints, resume
+# Checkpoint weights and TrainingArguments
 # ---------------------------------------------------------------------------------------------
-
-
-def _trainer_base():
-    from transformers import Trainer, TrainerCallback
-
-    return Trainer, TrainerCallback
-
-
-class TrainModule(nn.Module):
-    """What ``Trainer`` trains: the patched model (``.model``) plus, for stage 1, the frozen
-    teacher projector. Its forward returns the paired answer-token rows; the loss through the
-    LM head is computed by the trainer's ``compute_loss``."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
-        super().__init__()
-        self.model = model
-        self.parts = ModelParts(model, tokenizer)
-
-    @property
-    def config(self):  # Trainer reads model.config in a few places
-        return self.model.config
-
-    def gradient_checkpointing(self) -> None:
-        decoder = self.parts.decoder
-        if not getattr(decoder, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"gradient_checkpointing: the LLM {type(decoder).__name__} does not support it; turn it off")
-        # transformers >= 5 renamed it activation_checkpointing_enable (the old name warns)
-        if hasattr(decoder, "activation_checkpointing_enable"):
-            decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The LLM's parameters are frozen in stage 1: its input must carry the graph, which it
-        # does (the visual features require grad), so no enable_input_require_grads is needed.
-
-
-class FcotTrainer(AtomicCheckpoints, _trainer_base()[0]):
-    """``Trainer`` with fcot's run folder (:class:`fcot.train.checkpoint.AtomicCheckpoints`): the
-    compressed model saved with ``save_pretrained`` (loadable by :func:`fcot.load_compressed`),
-    checkpoints written atomically (staged then renamed), resume reloading the model through
-    :func:`fcot.load_compressed`."""
-
-    fcot_cfg: RunConfig
-
-    def _load_best_model(self):
-        raise ConfigError("training.load_best_model_at_end is not supported by fcot's trainers; pick a checkpoint by its metrics")
-
-
-def save_compressed_model(model: nn.Module, output_dir: str) -> None:
-    model.save_pretrained(output_dir, safe_serialization=True)
 
 
 def load_weights_into(model: nn.Module, checkpoint: str, cfg: RunConfig) -> None:
@@ -359,7 +272,7 @@ def load_weights_into(model: nn.Module, checkpoint: str, cfg: RunConfig) -> None
     from fcot import load_compressed
 
     kwargs: dict[str, Any] = dtype_kwarg(next(model.parameters()).dtype)
-    if model.config.model_type == "internvl_chat":
+    if get_family(model).needs_remote_code:
         kwargs["trust_remote_code"] = cfg.common.trust_remote_code
     fresh = load_compressed(checkpoint, fused=cfg.common.fused, backend=_kernel_backend(cfg), **kwargs)
     missing, unexpected = model.load_state_dict(fresh.state_dict(), strict=False)
@@ -378,16 +291,16 @@ def training_arguments(cfg: RunConfig, **defaults: Any):
     if "bf16" not in cfg.training and "fp16" not in cfg.training and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported():
         extra["bf16"] = True
-    if "save_safetensors" in cfg.training and not cfg.training["save_safetensors"]:
-        raise ConfigError("training.save_safetensors=false: fcot checkpoints are safetensors (load_compressed reads them)")
     for key, value in defaults.items():
         if key not in cfg.training:
             extra[key] = value
     return cfg.training_arguments(**extra)
 
 
-__all__ = ["DistillCollator", "FcotTrainer", "ModelParts", "ResizeImageTokens", "TrainModule", "build_dataset",
-           "check_run", "compress", "load_base", "loss_backend", "start_run", "read_metrics", "training_arguments"]
+__all__ = ["AtomicCheckpoints", "DATA_SUMMARY_FILE", "METRICS_FILE", "STAGING", "DistillCollator", "ModelParts",
+           "ResizeImageTokens", "build_dataset", "check_run", "compress", "dtype_kwarg", "finish_run", "last_checkpoint",
+           "load_base", "loss_backend", "metrics_callback_class", "pad_token_id", "read_metrics", "start_run",
+           "training_arguments"]
 
 
 def finish_distributed() -> None:

@@ -7,31 +7,25 @@ the answer tokens.
 ``posttrain.lora`` the LLM's weights (head included) freeze and LoRA adapters (peft) on its
 linear layers learn; checkpoints hold the model with the adapters merged (it loads with
 :func:`fcot.load_compressed`) and the adapters on their own (for resume). The loss is
-the cross-entropy on the answer tokens, computed through the LM head: with ``common.fused`` by
-:func:`fcot_kernels.fused_linear_distill` with ``kl_weight=0, ce_weight=1`` (chunked, the
-``(N, V)`` logits never exist; the op has no CE-only mode, so its teacher side is a width-1 zero
-input whose matmul costs ``N * V`` multiply-adds), otherwise by PyTorch's ``cross_entropy`` on
-the full logits (the reference).
+the cross-entropy on the answer tokens, computed through the LM head inside the module's forward
+by :func:`fcot_kernels.fused_linear_distill` in its CE-only mode (``kl_weight=0``: no teacher
+work at all); with ``common.fused`` chunked (the ``(N, V)`` logits never exist), otherwise its
+reference (PyTorch's ``cross_entropy`` on the full logits).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fcot_kernels as fk
 from fcot.data.records import IGNORE_INDEX, ConversationCollator
 from fcot.train.config import ConfigError, RunConfig
-from fcot.train.engine import (FcotTrainer, dtype_kwarg, TrainModule, build_dataset, compress, head_weights,
-                               load_base, load_weights_into, finish_run, loss_backend, metrics_callback_class,
-                               pad_token_id, check_run, start_run, shifted, training_arguments, visual_tokens_per_tile)
-
-logger = logging.getLogger("fcot.train")
+from fcot.train.engine import compress, dtype_kwarg, head_weights, load_weights_into, loss_backend, pad_token_id, shifted
+from fcot.train.trainer import FcotTrainer, Stage, TrainModule, build_trainer, run
 
 LORA_FILE = "lora_adapters.safetensors"
 """The LoRA adapters of a checkpoint, saved next to the merged model (read on resume)."""
@@ -43,8 +37,7 @@ class PosttrainModule(TrainModule):
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: RunConfig) -> None:
         compress(model, tokenizer, cfg)
-        super().__init__(model, tokenizer)
-        self.cfg = cfg
+        super().__init__(model, tokenizer, cfg)
         for p in self.parameters():
             p.requires_grad_(True)
         if not cfg.posttrain.train_vision:
@@ -98,8 +91,8 @@ class PosttrainModule(TrainModule):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.model.state_dict().items() if ".lora_" in k}
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_tiles=None):
-        """Returns ``{"hidden": (N, H), "labels": (N,)}``: the supervised rows, next-token aligned."""
+    def rows(self, input_ids, attention_mask, labels, pixel_values=None, num_tiles=None) -> dict[str, torch.Tensor]:
+        """``{"hidden": (N, H), "labels": (N,)}``: the supervised rows, next-token aligned."""
         parts = self.parts
         if pixel_values is not None:
             if self.cfg.posttrain.train_vision:
@@ -112,6 +105,12 @@ class PosttrainModule(TrainModule):
         hidden, labels = shifted(parts.hidden(parts.embed(input_ids, feats), attention_mask), labels)
         keep = labels != IGNORE_INDEX
         return {"hidden": hidden[keep], "labels": labels[keep]}
+
+    def loss_sums(self, **inputs: Any) -> dict[str, torch.Tensor]:
+        out = self.rows(**inputs)
+        out["loss_sum"] = sft_loss(out, self.parts.head, self.cfg, reduction="sum")
+        out["tokens"] = torch.tensor(out["labels"].shape[0], device=out["loss_sum"].device)
+        return out
 
     def _vit_with_grad(self, pixel_values):
         parts = self.parts
@@ -160,67 +159,38 @@ class PosttrainModule(TrainModule):
                 p.copy_(src)
 
 
-def sft_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig) -> torch.Tensor:
-    """Mean cross-entropy of the answer rows through the LM head (fused or reference, see the module docstring)."""
+def sft_loss(out: dict[str, torch.Tensor], head: nn.Module, cfg: RunConfig, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the answer rows through the LM head, averaged (``"mean"``) or summed
+    (``"sum"``): :func:`fcot_kernels.fused_linear_distill`'s CE-only mode (fused backend when
+    ``common.fused``, its full-logits reference otherwise)."""
     h, labels = out["hidden"], out["labels"]
-    with torch.autocast(h.device.type, enabled=False):  # both backends in the hidden states' dtype
-        return _sft_loss(h, labels, head, cfg)
-
-
-def _sft_loss(h: torch.Tensor, labels: torch.Tensor, head: nn.Module, cfg: RunConfig) -> torch.Tensor:
     w, b = head_weights(head, h.dtype)
-    backend = loss_backend(cfg)
-    if backend == "reference":
-        if h.shape[0] == 0:
-            return (h.sum() + w.sum()) * 0.0
-        return F.cross_entropy(F.linear(h, w, b).float(), labels)
-    zero_h = h.new_zeros(h.shape[0], 1)
-    zero_w = w.new_zeros(w.shape[0], 1)
-    return fk.fused_linear_distill(h, zero_h, w, b, teacher_weight=zero_w, labels=labels, kl_weight=0.0, ce_weight=1.0,
-                                   backend=backend)
+    with torch.autocast(h.device.type, enabled=False):  # both backends in the hidden states' dtype
+        return fk.fused_linear_distill(h, None, w, b, labels=labels, kl_weight=0.0, ce_weight=1.0, reduction=reduction,
+                                       backend=loss_backend(cfg))
 
 
-class PosttrainTrainer(FcotTrainer):
-    """``Trainer`` whose ``compute_loss`` runs :class:`PosttrainModule` and :func:`sft_loss`."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(**inputs)
-        head = self.accelerator.unwrap_model(model).parts.head
-        loss = sft_loss(out, head, self.fcot_cfg)
-        return (loss, out) if return_outputs else loss
+STAGE = Stage(name="posttrain", make_module=PosttrainModule, allow_compressed=True,
+              data_tokens=lambda base, out: out,  # the compressed model's layout
+              make_collator=lambda module, tokenizer, base, out: ConversationCollator(pad_token_id(tokenizer)))
 
 
-def build_posttrain_trainer(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
-                            image_processor: Any = None, callbacks: list | None = None) -> PosttrainTrainer:
-    """A ready :class:`PosttrainTrainer` for ``cfg`` (``model`` etc. as in
-    :func:`fcot.train.distill.build_distill_trainer`; ``common.model`` may be a stage-1 output)."""
+def build_posttrain_trainer(cfg: RunConfig, **kwargs: Any) -> FcotTrainer:
+    """:func:`fcot.train.trainer.build_trainer` for a ``posttrain`` config (``common.model`` may
+    be a stage-1 output)."""
+    _check_stage(cfg)
+    return build_trainer(cfg, **kwargs)
+
+
+def run_posttrain(cfg: RunConfig, *, resume: bool = False, **kwargs: Any) -> FcotTrainer:
+    """:func:`fcot.train.trainer.run` for a ``posttrain`` config."""
+    _check_stage(cfg)
+    return run(cfg, resume=resume, **kwargs)
+
+
+def _check_stage(cfg: RunConfig) -> None:
     if cfg.stage != "posttrain":
-        raise ConfigError(f"stage={cfg.stage!r}: build_posttrain_trainer needs a posttrain config")
-    if model is None:
-        model, tokenizer, image_processor = load_base(cfg, allow_compressed=True)
-    elif tokenizer is None:
-        raise ValueError("tokenizer=None: pass the model's tokenizer with model")
-    module = PosttrainModule(model, tokenizer, cfg)
-    _, out = visual_tokens_per_tile(module.model)
-    dataset = build_dataset(cfg, module.model, tokenizer, image_processor, tokens_per_tile=out,
-                            skip_log_dir=cfg.common.output_dir)
-    args = training_arguments(cfg, logging_steps=1, save_strategy="steps", save_steps=500)
-    trainer = PosttrainTrainer(model=module, args=args, train_dataset=dataset,
-                               data_collator=ConversationCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
-                               callbacks=[metrics_callback_class()(), *(callbacks or [])])
-    trainer.fcot_cfg = cfg
-    trainer.fcot_image_processor = image_processor
-    return trainer
+        raise ConfigError(f"stage={cfg.stage!r}: this needs a posttrain config")
 
 
-def run_posttrain(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> PosttrainTrainer:
-    """Stage 2 end to end (see :func:`fcot.train.distill.run_distill`)."""
-    checkpoint = check_run(cfg, resume=resume)
-    trainer = build_posttrain_trainer(cfg, **build_kwargs)
-    start_run(cfg)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.fcot_data_summary = finish_run(trainer, cfg)
-    return trainer
-
-
-__all__ = ["PosttrainModule", "PosttrainTrainer", "build_posttrain_trainer", "run_posttrain", "sft_loss"]
+__all__ = ["PosttrainModule", "STAGE", "build_posttrain_trainer", "run_posttrain", "sft_loss"]

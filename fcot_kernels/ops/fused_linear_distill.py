@@ -53,7 +53,7 @@ def _default_chunk(backend: str, n: int, v: int) -> int:
 @torch.library.custom_op("fcot::fld_fwd", mutates_args=())
 def _fld_fwd(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
@@ -131,13 +131,12 @@ _fld_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, ignore_index):
     check_tensor("student_hidden", student_hidden, ndim=2, dtypes=FLOAT_DTYPES)
     n, h = student_hidden.shape
-    check_tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    check_same("teacher_hidden", teacher_hidden, student_hidden, "student_hidden")
-    if teacher_hidden.shape[0] != n:
-        raise ValueError(
-            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}: both must hold "
-            "the same (paired) tokens; see fcot.distill.pair_answer_tokens"
-        )
+    if teacher_hidden is None:
+        for name, value in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
+            if value is not None:
+                raise ValueError(f"{name} was given without teacher_hidden; pass teacher_hidden or drop {name}")
+    else:
+        _validate_teacher(teacher_hidden, teacher_weight, teacher_bias, student_hidden)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     check_same("weight", weight, student_hidden, "student_hidden")
     v = weight.shape[0]
@@ -148,21 +147,8 @@ def _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teac
     if bias is not None:
         check_tensor("bias", bias, shape=(v,))
         check_same("bias", bias, weight, "weight")
-    h_t = teacher_hidden.shape[1]
-    if teacher_weight is None:
-        if teacher_bias is not None:
-            raise ValueError("teacher_bias was given without teacher_weight; the shared head uses bias")
-        if h_t != h:
-            raise ValueError(
-                f"teacher_hidden has width {h_t} but weight expects H={h}; pass teacher_weight (V, {h_t}) "
-                "for a teacher of another width"
-            )
-    else:
-        check_tensor("teacher_weight", teacher_weight, shape=(v, h_t))
-        check_same("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
-        if teacher_bias is not None:
-            check_tensor("teacher_bias", teacher_bias, shape=(v,))
-            check_same("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
+    if teacher_hidden is not None:
+        _validate_teacher_head(teacher_hidden, teacher_weight, teacher_bias, h, v)
     if labels is not None:
         check_tensor("labels", labels, shape=(n,), dtypes=LABEL_DTYPES)
         if labels.device != student_hidden.device:
@@ -178,12 +164,42 @@ def _validate(student_hidden, teacher_hidden, weight, bias, teacher_weight, teac
             torch._assert_async(~bad.any(), f"labels outside [0, V={v}) that are not ignore_index={ignore_index}")
     if debug_finite():
         check_finite("student_hidden", student_hidden)
-        check_finite("teacher_hidden", teacher_hidden)
+        if teacher_hidden is not None:
+            check_finite("teacher_hidden", teacher_hidden)
+
+
+def _validate_teacher(teacher_hidden, teacher_weight, teacher_bias, student_hidden):
+    n = student_hidden.shape[0]
+    check_tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_same("teacher_hidden", teacher_hidden, student_hidden, "student_hidden")
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}: both must hold "
+            "the same (paired) tokens; see fcot.distill.pair_answer_tokens"
+        )
+
+
+def _validate_teacher_head(teacher_hidden, teacher_weight, teacher_bias, h, v):
+    h_t = teacher_hidden.shape[1]
+    if teacher_weight is None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias was given without teacher_weight; the shared head uses bias")
+        if h_t != h:
+            raise ValueError(
+                f"teacher_hidden has width {h_t} but weight expects H={h}; pass teacher_weight (V, {h_t}) "
+                "for a teacher of another width"
+            )
+    else:
+        check_tensor("teacher_weight", teacher_weight, shape=(v, h_t))
+        check_same("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
+        if teacher_bias is not None:
+            check_tensor("teacher_bias", teacher_bias, shape=(v,))
+            check_same("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
 
 
 def fused_linear_distill(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -220,12 +236,16 @@ def fused_linear_distill(
     where ``reduce`` is the mean over the counted tokens (``"mean"``) or their sum (``"sum"``).
     No counted token gives a loss of 0 with zero gradients.
 
+    Cross-entropy only: with ``kl_weight=0`` no teacher work is done, forward or backward (no
+    teacher logits, no teacher log-sum-exp, no divergence); ``teacher_hidden`` may then be None.
+
     Args:
         student_hidden: ``(N, H)`` final hidden states of the student at the supervised
             positions (paired with the teacher's row by row, e.g. by
             ``fcot.distill.pair_answer_tokens``); fp32, fp16 or bf16.
         teacher_hidden: ``(N, H_t)`` teacher hidden states, same dtype and device; never
-            differentiated (no graph is built on the teacher side).
+            differentiated (no graph is built on the teacher side). None is allowed (and
+            ``teacher_weight``/``teacher_bias`` must then be None) only with ``kl_weight=0``.
         weight: ``(V, H)`` LM head, same dtype; ``bias``: optional ``(V,)``.
         teacher_weight, teacher_bias: the teacher's head ``(V, H_t)``, ``(V,)`` when it differs.
         labels: optional ``(N,)`` int64/int32 next-token labels in ``[0, V)`` or ``ignore_index``
@@ -263,14 +283,21 @@ def fused_linear_distill(
         chunk_size = check_int("chunk_size", chunk_size, low=1)
     if ce_weight != 0 and labels is None:
         raise ValueError(f"ce_weight={ce_weight} needs labels; pass labels or set ce_weight=0")
+    if teacher_hidden is None and kl_weight != 0:
+        raise ValueError(f"teacher_hidden=None needs kl_weight=0 (cross-entropy only), got kl_weight={kl_weight}")
     if divergence != "jsd" and beta != 0.5:
         warnings.warn(f"beta={beta} has no effect unless divergence='jsd' (got {divergence!r})", stacklevel=2)
     if divergence == "jsd" and beta in (0.0, 1.0) and kl_weight != 0:
         warnings.warn(f"divergence='jsd' with beta={beta} is identically 0 (m equals one side)", stacklevel=2)
+    if kl_weight == 0 and (temperature != 1.0 or divergence != "forward_kl"):
+        warnings.warn(f"temperature={temperature} and divergence={divergence!r} have no effect with kl_weight=0 "
+                      "(cross-entropy only)", stacklevel=2)
     if labels is None and ignore_index != -100:
         warnings.warn(f"ignore_index={ignore_index} has no effect without labels", stacklevel=2)
 
     name = resolve("fused_linear_distill", backend, student_hidden, has_cuda=False)
+    if kl_weight == 0:  # cross-entropy only: the teacher side goes no further than validation
+        teacher_hidden = teacher_weight = teacher_bias = None
     kwargs = dict(
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, labels=labels, temperature=temperature,
         kl_weight=kl_weight, ce_weight=ce_weight, divergence=divergence, beta=beta, ignore_index=ignore_index,

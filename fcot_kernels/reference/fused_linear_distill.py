@@ -33,7 +33,7 @@ def divergence_ref(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, be
 
 def fused_linear_distill_ref(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -53,16 +53,21 @@ def fused_linear_distill_ref(
     beyond what PyTorch does). Computes in the input dtype like eager PyTorch would, or in fp32
     when ``upcast``; returns a 0-dim fp32 loss either way. The teacher side is detached (also
     when it shares ``weight``), so gradients reach only ``student_hidden``, ``weight`` and ``bias``.
+    With ``kl_weight == 0`` (cross-entropy only) the teacher side is not computed at all, and
+    ``teacher_hidden`` may be None.
     """
     compute = torch.float32 if upcast else student_hidden.dtype
     t_weight, t_bias = (weight, bias) if teacher_weight is None else (teacher_weight, teacher_bias)
     z_s = F.linear(student_hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
-    with torch.no_grad():
-        z_t = F.linear(teacher_hidden.to(compute), t_weight.to(compute), None if t_bias is None else t_bias.to(compute))
-    log_q = F.log_softmax(z_s / temperature, dim=-1)
-    log_p = F.log_softmax(z_t / temperature, dim=-1)
-    div = divergence_ref(log_p, log_q, divergence, beta)
     n = z_s.shape[0]
+    if kl_weight != 0:
+        with torch.no_grad():
+            z_t = F.linear(teacher_hidden.to(compute), t_weight.to(compute), None if t_bias is None else t_bias.to(compute))
+        log_q = F.log_softmax(z_s / temperature, dim=-1)
+        log_p = F.log_softmax(z_t / temperature, dim=-1)
+        div = divergence_ref(log_p, log_q, divergence, beta)
+    else:
+        div = z_s.new_zeros(n)
     counted = torch.ones(n, dtype=torch.bool, device=z_s.device) if labels is None else labels != ignore_index
     div = torch.where(counted, div, torch.zeros_like(div))
     if ce_weight != 0:

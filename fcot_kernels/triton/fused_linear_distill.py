@@ -13,6 +13,11 @@ pass 1 keeps an online log-sum-exp (running max and rescaled sum) for the teache
 student at T and, for cross-entropy at T != 1, the student at T = 1; pass 2 computes the row's
 divergence and cross-entropy and, for the forward KL, the gradient; pass 3 (reverse KL and
 JSD only, whose gradient needs a row sum of pass 2) writes the gradient. All math is fp32.
+
+With ``kl_weight == 0`` (cross-entropy only, stage 2's SFT loss) no teacher work is done: the
+launcher forms no teacher logits (no teacher GEMM, no teacher buffer) and the kernel, specialised
+by ``HAS_KL``, reads no teacher row and computes only the student's T = 1 log-sum-exp, the
+target logit and softmax - one-hot.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ time at the H100's balance point, estimated), for 0.76 GB of bf16 chunk logits."
 @triton.jit
 def _fld_kernel(
     zs_ptr,  # (R, V) student logits, row stride stride_s; overwritten by d(loss)/d(logits) if COMPUTE_GRAD
-    zt_ptr,  # (R, V) teacher logits, row stride stride_t
+    zt_ptr,  # (R, V) teacher logits, row stride stride_t; unused unless HAS_KL
     labels_ptr,  # (R,) integer labels; unused unless HAS_LABELS
     count_ptr,  # (1,) int64 counted tokens in the whole batch; unused unless MEAN
     loss_ptr,  # (R,) fp32 weighted loss of each row
@@ -55,9 +60,10 @@ def _fld_kernel(
     log_1mbeta,  # log(1 - beta), -inf at beta = 1
     ignore_index,
     DIV: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
+    HAS_KL: tl.constexpr,  # False: cross-entropy only, the teacher is never read
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
-    CE_LSE: tl.constexpr,  # cross-entropy needs its own T = 1 log-sum-exp (temperature != 1)
+    CE_LSE: tl.constexpr,  # cross-entropy needs its own T = 1 log-sum-exp (temperature != 1, or no KL)
     MEAN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -95,21 +101,22 @@ def _fld_kernel(
         cmask = (cols < V)[None, :]
         lmask = (cols < VP)[None, :]  # the padding columns load garbage that cmask discards
         s = tl.load(s_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-        t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-        u = tl.where(cmask, s * inv_t, float("-inf"))
-        w = tl.where(cmask, t * inv_t, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(u, axis=1))
-        l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
-        m_s = m_new
-        m_new = tl.maximum(m_t, tl.max(w, axis=1))
-        l_t = l_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(w - m_new[:, None]), axis=1)
-        m_t = m_new
+        if HAS_KL:
+            t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+            u = tl.where(cmask, s * inv_t, float("-inf"))
+            w = tl.where(cmask, t * inv_t, float("-inf"))
+            m_new = tl.maximum(m_s, tl.max(u, axis=1))
+            l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+            m_s = m_new
+            m_new = tl.maximum(m_t, tl.max(w, axis=1))
+            l_t = l_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(w - m_new[:, None]), axis=1)
+            m_t = m_new
         if CE_LSE:
             sc = tl.where(cmask, s, float("-inf"))
             m_new = tl.maximum(m_c, tl.max(sc, axis=1))
             l_c = l_c * tl.exp(m_c - m_new) + tl.sum(tl.exp(sc - m_new[:, None]), axis=1)
             m_c = m_new
-    lse_s = m_s + tl.log(l_s)
+    lse_s = m_s + tl.log(l_s)  # -inf rows (no KL) are never used
     lse_t = m_t + tl.log(l_t)
     if CE_LSE:
         lse_c = m_c + tl.log(l_c)
@@ -125,29 +132,33 @@ def _fld_kernel(
         cmask = (cols < V)[None, :]
         lmask = (cols < VP)[None, :]  # the padding columns load garbage that cmask discards
         s = tl.load(s_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-        t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-        log_q = s * inv_t - lse_s[:, None]
-        log_p = t * inv_t - lse_t[:, None]
-        q = tl.exp(log_q)
-        p = tl.exp(log_p)
-        if DIV == 0:
-            term = p * (log_p - log_q)
-        elif DIV == 1:
-            term = q * (log_q - log_p)
-        else:
-            # log m by log-add-exp, so beta in {0, 1} and underflowed p, q stay finite.
-            a = log_p + log_beta
-            b = log_q + log_1mbeta
-            mx = tl.maximum(a, b)
-            log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
-            term = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
-            row_sum += tl.sum(tl.where(cmask, q * (1.0 - beta) * (log_q - log_m), 0.0), axis=1)
-        div += tl.sum(tl.where(cmask, term, 0.0), axis=1)
+        if HAS_KL:
+            t = tl.load(t_base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+            log_q = s * inv_t - lse_s[:, None]
+            log_p = t * inv_t - lse_t[:, None]
+            q = tl.exp(log_q)
+            p = tl.exp(log_p)
+            if DIV == 0:
+                term = p * (log_p - log_q)
+            elif DIV == 1:
+                term = q * (log_q - log_p)
+            else:
+                # log m by log-add-exp, so beta in {0, 1} and underflowed p, q stay finite.
+                a = log_p + log_beta
+                b = log_q + log_1mbeta
+                mx = tl.maximum(a, b)
+                log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+                term = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
+                row_sum += tl.sum(tl.where(cmask, q * (1.0 - beta) * (log_q - log_m), 0.0), axis=1)
+            div += tl.sum(tl.where(cmask, term, 0.0), axis=1)
         if HAS_CE:
             tgt += tl.sum(tl.where(cmask & (cols[None, :] == lab[:, None]), s, 0.0), axis=1)
-        if DIV == 0 and COMPUTE_GRAD:
-            # d/ds of T^2 * KL(p || q) is T * (q - p).
-            d = (w_kl * inv_t)[:, None] * (q - p)
+        if (DIV == 0 or not HAS_KL) and COMPUTE_GRAD:
+            if HAS_KL:
+                # d/ds of T^2 * KL(p || q) is T * (q - p).
+                d = (w_kl * inv_t)[:, None] * (q - p)
+            else:
+                d = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
             if HAS_CE:
                 sm = tl.exp(s - lse_c[:, None])
                 d += w_ce[:, None] * (sm - tl.where(cols[None, :] == lab[:, None], 1.0, 0.0))
@@ -157,13 +168,13 @@ def _fld_kernel(
         row_sum = div
 
     if HAS_CE:
-        loss = w_kl * div + w_ce * (lse_c - tgt)
+        loss = w_kl * div + w_ce * (lse_c - tgt)  # div stays 0 without KL
     else:
         loss = w_kl * div
     tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=rmask)
 
     # Pass 3: d/du of sum_v q f(q) is q * (f' - sum_v q f'), so it waits for the row sum above.
-    if DIV != 0 and COMPUTE_GRAD:
+    if DIV != 0 and HAS_KL and COMPUTE_GRAD:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             cmask = (cols < V)[None, :]
@@ -209,7 +220,7 @@ def default_chunk(n: int, v: int) -> int:
 
 def logits_pass(
     zs: torch.Tensor,
-    zt: torch.Tensor,
+    zt: torch.Tensor | None,
     labels: torch.Tensor | None,
     count: torch.Tensor,
     loss_rows: torch.Tensor,
@@ -224,8 +235,14 @@ def logits_pass(
     compute_grad: bool,
 ) -> None:
     """Run the kernel over one chunk: ``loss_rows`` gets each row's weighted loss and, when
-    ``compute_grad``, ``zs`` is overwritten by d(loss)/d(student logits)."""
+    ``compute_grad``, ``zs`` is overwritten by d(loss)/d(student logits). With ``kl_weight == 0``
+    the teacher logits ``zt`` are never read (they may be None)."""
     r, v = zs.shape
+    has_kl = kl_weight != 0
+    if has_kl and zt is None:
+        raise ValueError(f"zt=None needs kl_weight=0, got kl_weight={kl_weight}")
+    if not has_kl:
+        zt = zs  # a valid pointer the specialised kernel never dereferences
     meta = _meta(v, zs.device)
     # Row strides padded to a multiple of 64 (forward's buffers) let the kernel mask its loads
     # and stores at a multiple of 16 columns: 16-byte vectors instead of 2-byte accesses.
@@ -240,8 +257,10 @@ def logits_pass(
             1.0 / temperature, kl_weight * temperature**2, ce_weight,
             beta, math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
             ignore_index,
-            DIV=DIV_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0,
-            CE_LSE=ce_weight != 0 and temperature != 1.0, MEAN=mean, COMPUTE_GRAD=compute_grad,
+            # Without KL the divergence code is irrelevant: one specialisation serves them all.
+            DIV=DIV_CODES[divergence] if has_kl else 0, HAS_KL=has_kl, HAS_LABELS=labels is not None,
+            HAS_CE=ce_weight != 0, CE_LSE=ce_weight != 0 and (temperature != 1.0 or not has_kl), MEAN=mean,
+            COMPUTE_GRAD=compute_grad,
             **meta,
         )
 
@@ -282,7 +301,7 @@ DW_BLOCK = 16384
 
 def forward(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor,
@@ -302,11 +321,15 @@ def forward(
     compute_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Returns the 0-dim fp32 loss, d(loss)/d(student_hidden) in its dtype, and fp32
-    d(loss)/d(weight), d(loss)/d(bias) (each None unless requested)."""
+    d(loss)/d(weight), d(loss)/d(bias) (each None unless requested). With ``kl_weight == 0`` the
+    teacher side (``teacher_hidden`` may then be None) is never touched."""
     n, h = student_hidden.shape
     v = weight.shape[0]
     device = student_hidden.device
     compute_grad = compute_dx or compute_dw or compute_db
+    has_kl = kl_weight != 0
+    if has_kl and teacher_hidden is None:
+        raise ValueError(f"teacher_hidden=None needs kl_weight=0, got kl_weight={kl_weight}")
     if labels is not None:
         # The kernel reads labels at unit stride: a strided or expanded (stride-0) labels tensor
         # is made contiguous here, once (N integers).
@@ -325,12 +348,13 @@ def forward(
     # as data (the kernel masks values at V; the matmuls see the (chunk, V) views).
     vp = padded_width(v)
     zs_buf = torch.empty((chunk, vp), dtype=student_hidden.dtype, device=device)[:, :v]
-    zt_buf = torch.empty((chunk, vp), dtype=teacher_hidden.dtype, device=device)[:, :v]
+    # Cross-entropy only: no teacher buffer, no teacher GEMM.
+    zt_buf = torch.empty((chunk, vp), dtype=teacher_hidden.dtype, device=device)[:, :v] if has_kl else None
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         xs = student_hidden[start:end]
         zs = _linear(xs, weight, bias, zs_buf[: end - start])
-        zt = _linear(teacher_hidden[start:end], teacher_weight, teacher_bias, zt_buf[: end - start])
+        zt = _linear(teacher_hidden[start:end], teacher_weight, teacher_bias, zt_buf[: end - start]) if has_kl else None
         logits_pass(
             zs, zt, None if labels is None else labels[start:end], count, loss_rows[start:end],
             temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight, divergence=divergence,

@@ -63,9 +63,10 @@ def test_cli_flags(files):
 
 
 @pytest.mark.parametrize("section, values, match", [
-    ("common", {"compressor": "pool"}, r"common.compressor='pool': expected one of \['none', 'avg'"),
+    ("common", {"compressor": "pool"}, r"common.compressor='pool': expected one of \['avg', 'conv'"),
     ("common", {"ratio": 1.0}, r"common.ratio=1.0: expected the fraction of visual tokens removed"),
-    ("common", {"compressor": "none"}, r"common.ratio=0.5: compressor 'none' keeps every token"),
+    ("common", {"compressor": "none", "ratio": 0.5}, r"common.ratio=0.5: compressor 'none' keeps every token"),
+    ("common", {"compressor": "conv", "ratio": 0.3}, r"common.ratio=0.3: compressor 'conv' supports ratios \[0.5, 0.75\]"),
     ("common", {"backend": "metal"}, r"common.backend='metal'"),
     ("common", {"fused": "yes"}, r"common.fused='yes': expected true or false"),
     ("common", {"seed": 1.5}, r"common.seed=1.5: expected an integer"),
@@ -128,3 +129,61 @@ def test_output_dir_policy(files):
     foreign = build_config("distill", _raw(files, common={"output_dir": str(files)}))
     with pytest.raises(ConfigError, match="no fcot_config.yaml: it is not an fcot run"):
         check_output_dir(foreign, resume=True)
+
+
+def test_set_reads_the_declared_type_not_yaml(files):
+    """--set text goes through the option's type: 'no' stays the string for save_strategy (YAML
+    would read False), 1e-4 is a float, booleans and lists parse, bad text names the option."""
+    base = [f"common.model={files / 'model'}", f"common.output_dir={files / 'run'}", f"data.jsonl={files / 'd.jsonl'}"]
+    cfg = load_config("distill", None, [*base, "training.save_strategy=no",
+                                        "training.learning_rate=1e-4", "training.bf16=false", "common.fused=no",
+                                        "training.max_steps=3", "common.backend=null", "distill.temperature=2"])
+    assert cfg.training["save_strategy"] == "no" and cfg.training["learning_rate"] == 1e-4
+    assert cfg.training["bf16"] is False and cfg.training["max_steps"] == 3
+    assert cfg.common.fused is False and cfg.common.backend is None and cfg.distill.temperature == 2.0
+    assert cfg.data.jsonl == [str(files / "d.jsonl")]
+    args = cfg.training_arguments(report_to=[])
+    assert str(args.save_strategy.value) == "no"
+    with pytest.raises(ConfigError, match=r"training.max_steps='three': expected an integer"):
+        load_config("distill", None, [*base, "training.max_steps=three"])
+    with pytest.raises(ConfigError, match=r"common.seed='x': expected an integer"):
+        load_config("distill", None, [*base, "common.seed=x"])
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("gradient_checkpointing", True, r"training.gradient_checkpointing=True: .*set distill.gradient_checkpointing"),
+    ("label_smoothing_factor", 0.1, r"training.label_smoothing_factor=0.1: .*no label smoothing"),
+    ("load_best_model_at_end", True, r"training.load_best_model_at_end=True: .*fcot eval"),
+    ("eval_strategy", "steps", r"training.eval_strategy='steps': .*no evaluation set"),
+    ("remove_unused_columns", True, r"training.remove_unused_columns=True: .*must be false"),
+    ("save_safetensors", False, r"training.save_safetensors=False: .*always safetensors"),
+])
+def test_training_options_fcot_would_ignore_are_refused_up_front(files, key, value, match):
+    """Refused when the config is built: before a model loads or a file is written."""
+    with pytest.raises(ConfigError, match=match):
+        build_config("distill", _raw(files, training={key: value}))
+
+
+def test_ratio_has_one_encoding_of_no_compression(files):
+    none = build_config("distill", _raw(files, common={"compressor": "none"}))
+    assert none.common.ratio == 0.0 and none.common.tokens_per_tile == 256
+    assert build_config("distill", _raw(files, common={"compressor": "none", "ratio": 0})).common.ratio == 0.0
+    assert build_config("distill", _raw(files)).common.ratio == 0.5
+
+
+def test_compressor_names_come_from_the_registry(files):
+    """A compressor registered after fcot was imported is accepted by the config and the CLI."""
+    from fcot.compress import COMPRESSORS, Compressor, register_compressor
+
+    try:
+        @register_compressor("test-cfg-registry")
+        class _Mine(Compressor):
+            ratios = (0.75,)
+
+        cfg = build_config("distill", _raw(files, common={"compressor": "test-cfg-registry"}))
+        assert cfg.common.ratio == 0.75  # unset: the compressor's own ratio when it lacks 0.5
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        assert parser.parse_args(["--compressor", "test-cfg-registry"]).compressor == "test-cfg-registry"
+    finally:
+        COMPRESSORS.pop("test-cfg-registry", None)

@@ -51,7 +51,11 @@ def test_distill_lowers_the_loss_and_trains_only_vc_and_as(data, tmp_path):
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer.train()
     losses = _losses(trainer)
-    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8, losses
+    # apply_fcot starts the student next to the teacher (a small first loss); Adam's first step
+    # moves every trainable weight by about the learning rate whatever its gradient, which lifts
+    # the loss off that start. From there distillation must bring it down, step after step.
+    assert len(losses) == 6 and losses[-1] < losses[1] * 0.8, losses
+    assert all(b < a for a, b in zip(losses[1:], losses[2:])), losses
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     proj = module.parts.projector_attr
     assert changed and all(f"{proj}." in n for n in changed), changed
@@ -218,13 +222,20 @@ def test_cli_distill_merge_posttrain(data, tmp_path, capsys):
     # a compressed folder with other options than asked, and distill from a compressed model: exit 2, one line
     for argv, msg in ((["posttrain", "--model", str(tmp_path / "m"), "--compressor", "conv"], "compressed with"),
                       (["distill", "--model", str(tmp_path / "m"), "--compressor", "avg"], "already compressed"),
-                      (["distill", "--model", "tiny", "--ratio", "0.3"], "common.ratio")):
+                      (["distill", "--model", "tiny", "--ratio", "0.3"], "common.ratio"),
+                      # accepted and then fatal (or ignored) once: now refused before anything is written
+                      (["distill", "--model", "tiny", "--set", "training.gradient_checkpointing=true"],
+                       "distill.gradient_checkpointing"),
+                      (["posttrain", "--model", "tiny", "--set", "training.label_smoothing_factor=0.1"],
+                       "training.label_smoothing_factor")):
         with pytest.raises(SystemExit) as exc:
             main([*argv, "--output-dir", str(tmp_path / "bad"), *common])
         assert exc.value.code == 2
         assert not (tmp_path / "bad").exists()
     err = capsys.readouterr().err
     assert "compressed with compressor='avg'" in err and "already compressed" in err and "common.ratio" in err
+    assert "set distill.gradient_checkpointing or posttrain.gradient_checkpointing instead" in err
+    assert "training.label_smoothing_factor=0.1: not supported" in err
 
 
 @pytest.mark.slow

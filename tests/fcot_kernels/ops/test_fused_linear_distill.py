@@ -481,3 +481,156 @@ def test_every_tensor_argument_in_every_layout(backend, arg, layout):
         res[name] = [loss.detach(), *torch.autograd.grad(loss, leaves)]
     for got, want, what in zip(res[backend], res["reference"], ("loss", "dstudent_hidden", "dweight", "dbias")):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+# --- cross-entropy only (kl_weight=0, issue 19): no teacher work, forward or backward ----------
+
+
+class _TeacherTouches(TorchDispatchMode):
+    """Records every aten op that reads the storage of one of the watched tensors."""
+
+    def __init__(self, *watched):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in watched if t is not None}
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [*args, *(kwargs or {}).values()]
+        if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.storages for a in flat):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ce_oracle(xs, w, b, labels, reduction):
+    """Plain PyTorch cross-entropy on fp32 full logits: an oracle independent of both backends."""
+    z = F.linear(xs.detach().double(), w.detach().double(), None if b is None else b.detach().double())
+    return F.cross_entropy(z, labels.long(), ignore_index=IGNORE, reduction=reduction).float()
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("teacher", ["none", "given"])
+def test_ce_only_matches_reference(backend, dtype, reduction, teacher):
+    """kl_weight=0: loss and every gradient against the reference (fp32 tight, low precision at
+    most 2x eager's error), and the loss against cross_entropy written out in float64; with or
+    without a teacher the result is the same."""
+    xs, xt, w, b, labels = make_inputs(37, 24, 1000, dtype)
+    xt = None if teacher == "none" else xt
+    loss, _ = check_against_reference(backend, 16, xs, xt, w, b, labels=labels, kl_weight=0.0, ce_weight=0.8,
+                                      reduction=reduction)
+    oracle = 0.8 * _ce_oracle(xs, w, b, labels, reduction)
+    tol = 1e-5 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
+    torch.testing.assert_close(loss, oracle, rtol=tol, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_ce_only_does_no_teacher_work(backend):
+    """With kl_weight=0 no aten op reads the teacher's hidden states or head (the recorder sees
+    them being read when kl_weight > 0), and a NaN teacher changes nothing: 0 * NaN would be NaN
+    if the divergence were computed and multiplied by 0."""
+    xs, xt, w, b, labels = make_inputs(21, 16, 300, torch.float32)
+    tw = torch.full_like(w.detach(), float("nan"))
+    xt = torch.full_like(xt, float("nan"))
+    chunk = {} if backend == "reference" else {"chunk_size": 8}
+    kw = dict(labels=labels, teacher_weight=tw, ce_weight=1.0, backend=backend, **chunk)
+    with _TeacherTouches(xt, tw) as rec:
+        loss = fk.fused_linear_distill(xs, xt, w, b, kl_weight=0.0, **kw)
+        grads = torch.autograd.grad(loss, [xs, w, b])
+    assert rec.ops == [], rec.ops
+    with torch.no_grad():
+        clean = fk.fused_linear_distill(xs, None, w, b, labels=labels, kl_weight=0.0, ce_weight=1.0, backend=backend,
+                                        **chunk)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert_close(loss.detach(), clean, name="loss")
+    with _TeacherTouches(xt, tw) as rec_kl, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fk.fused_linear_distill(xs, xt, w, b, kl_weight=1e-3, **kw)
+    assert rec_kl.ops, "the recorder did not see the teacher being read with kl_weight > 0"
+
+
+@needs_triton
+def test_ce_only_kernel_never_reads_the_teacher_logits():
+    """The kernel specialised for kl_weight=0 gives the same rows and gradient whether the
+    teacher logits are NaN or absent (a kernel reading them would turn its log-sum-exp NaN)."""
+    from fcot_kernels.triton import fused_linear_distill as T
+
+    r, v = 7, 90
+    zs = torch.randn(r, v, device=DEVICE)
+    labels = torch.randint(0, v, (r,), device=DEVICE)
+    labels[2] = IGNORE
+    count = (labels != IGNORE).sum().reshape(1)
+    outs = []
+    for zt in (None, torch.full((r, v), float("nan"), device=DEVICE)):
+        s, loss = zs.clone(), torch.empty(r, device=DEVICE)
+        T.logits_pass(s, zt, labels, count, loss, temperature=2.0, kl_weight=0.0, ce_weight=1.0, divergence="jsd",
+                      beta=0.5, ignore_index=IGNORE, mean=True, compute_grad=True)
+        outs.append((loss, s))
+    for got, want in zip(outs[1], outs[0]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    counted = labels != IGNORE
+    ce = F.cross_entropy(zs[counted], labels[counted], reduction="none") / counted.sum()
+    torch.testing.assert_close(outs[0][0][counted], ce, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outs[0][0][~counted], torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match=r"zt=None needs kl_weight=0"):
+        T.logits_pass(zs.clone(), None, labels, count, torch.empty(r, device=DEVICE), temperature=1.0, kl_weight=1.0,
+                      ce_weight=1.0, divergence="forward_kl", beta=0.5, ignore_index=IGNORE, mean=True,
+                      compute_grad=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["strided", "offset", "transposed", "expanded"])
+@pytest.mark.parametrize("arg", ["student_hidden", "weight", "bias", "labels"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_only_every_tensor_argument_in_every_layout(backend, arg, layout):
+    """Cross-entropy only, with no teacher: every argument as a view gives the reference's loss
+    and gradients on the same views."""
+    from fcot_kernels.testing import as_layout
+
+    xs, _, w, b, labels = make_inputs(12, 16, 24, torch.float32)
+    values = {"student_hidden": xs, "weight": w, "bias": b, "labels": labels}
+    res = {}
+    for name in ("reference", backend):
+        a = {k: as_layout(v, layout if k == arg else "contiguous") for k, v in values.items()}
+        leaves = [a[k].requires_grad_() for k in ("student_hidden", "weight", "bias")]
+        with fk.poison_outputs():
+            loss = fk.fused_linear_distill(leaves[0], None, *leaves[1:], labels=a["labels"], kl_weight=0.0,
+                                           ce_weight=1.0, backend=name,
+                                           **({"chunk_size": 5} if name != "reference" else {}))
+        res[name] = [loss.detach(), *torch.autograd.grad(loss, leaves)]
+    for got, want, what in zip(res[backend], res["reference"], ("loss", "dstudent_hidden", "dweight", "dbias")):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_only_custom_op_registration(backend):
+    from fcot_kernels.ops.fused_linear_distill import _fld_fwd
+
+    xs, _, w, b, labels = make_inputs(11, 8, 70, torch.float32)
+    args = (xs, None, w, b, None, None, labels, 1.0, 0.0, 1.0, "forward_kl", 0.5, IGNORE, True, 4, True, True, True,
+            backend)
+    torch.library.opcheck(_fld_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(teacher_hidden=None), r"teacher_hidden=None needs kl_weight=0 \(cross-entropy only\), got kl_weight=1.0"),
+        (dict(teacher_hidden=None, kl_weight=0.0, ce_weight=1.0, teacher_weight=torch.randn(20, 8)),
+         r"teacher_weight was given without teacher_hidden"),
+        (dict(teacher_hidden=None, kl_weight=0.0, ce_weight=1.0, teacher_bias=torch.randn(20)),
+         r"teacher_bias was given without teacher_hidden"),
+    ],
+)
+def test_ce_only_bad_input(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+def test_ce_only_no_op_flags_warn():
+    with pytest.warns(UserWarning, match=r"temperature=2.0 and divergence='forward_kl' have no effect with kl_weight=0"):
+        _call(teacher_hidden=None, kl_weight=0.0, ce_weight=1.0, temperature=2.0)
