@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import targets as targets_mod
-from .run import RESULTS
+from .harness import RESULTS, STATUSES
 
 REPO = RESULTS.parent.parent
 DOCS = REPO / "docs" / "performance.md"
@@ -227,7 +227,7 @@ def provenance(run: Run) -> list[str]:
     lines += [f"| {k} | {env[k]} |" for k in keys]
     lines.append(f"| copy bandwidth (read + write), same run | {_f(env.get('copy_gbps'), '.1f')} GB/s |")
     lines.append(f"| matmul rate ({matmul}), same run | {_f(env.get('matmul_tflops'), '.2f')} TFLOP/s |")
-    counts = {s: sum(r.get("status", "ok") == s for r in run.rows) for s in ("ok", "skipped", "missing", "error")}
+    counts = {s: sum(r.get("status", "ok") == s for r in run.rows) for s in STATUSES}
     lines.append(f"| cases | {len(run.rows)}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + " |")
     return lines
 
@@ -253,9 +253,9 @@ def op_table(run: Run, op: str) -> list[str]:
             f"{_f(_ms(peer[1]), '.3f') + f' ({peer[0]})' if peer else '-'} | {vs['eager']} | {vs['compile']} | "
             f"{vs['peer']} | {ceil} | {_f(row.get('peak_mem_mb'), '.1f')} |")
     notes = sorted({f"{r['provider']}: {r['note']}" for r in run.rows
-                    if r["op"] == op and r.get("status") in ("missing", "error")})
+                    if r["op"] == op and r.get("status") in ("missing", "cut", "error")})
     if notes:
-        lines += ["", "Missing peers and errors: " + "; ".join(f"`{n}`" for n in notes) + "."]
+        lines += ["", "Missing peers, cut cases and errors: " + "; ".join(f"`{n}`" for n in notes) + "."]
     return lines
 
 
