@@ -202,7 +202,10 @@ def targets_table(runs: list[Run]) -> list[str]:
                      "`bash bench/gpu_suite.sh OUT COMMIT` on a GPU, then `fcot bench report` fills them in.")
     else:
         lines.append(f"Evaluated on the newest GPU run, `{_rel(newest.path, REPO)}` ({newest.label}).")
-    lines += ["", "| issue | target | case | required | measured | met | device | commit |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "FLOP-ideal: the speed-up if time followed matmul FLOPs, computed from the model's shapes "
+              "(bench/models.py `ideal_prefill_speedup`; docs/perf-notes.md); the prefill targets are a fraction of it.",
+              "", "| issue | target | case | required | FLOP-ideal | measured | measured / ideal | met | device | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = newest.rows if newest else []
     for t in targets_mod.TARGETS:
         o = targets_mod.evaluate(t, rows)
@@ -214,8 +217,10 @@ def targets_table(runs: list[Run]) -> list[str]:
             measured = f"{100 * o.value:.1f} %" if pct else f"{o.value:.2f}x"
             measured += f" ({o.fcot_provider})"
             met = "yes" if o.met else "**no**"
-        lines.append(f"| {t.source} | {t.what} | {case} | {t.statement} | {measured} | {met} | {o.device or '-'} | "
-                     f"{o.commit or '-'} |")
+        ideal = f"{t.ideal:.2f}x" if t.ideal else "-"
+        of_ideal = f"{o.value / t.ideal:.2f}" if t.ideal and o.value is not None else "-"
+        lines.append(f"| {t.source} | {t.what} | {case} | {t.statement} | {ideal} | {measured} | {of_ideal} | {met} | "
+                     f"{o.device or '-'} | {o.commit or '-'} |")
     return lines
 
 
