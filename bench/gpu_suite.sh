@@ -137,7 +137,7 @@ tests_cmd() {
       prefix=(compute-sanitizer --tool "$SANITIZER" --error-exitcode 9)
     fi
   fi
-  "${prefix[@]}" $PY -m pytest "${args[@]}" "$@"
+  ${prefix[@]+"${prefix[@]}"} $PY -m pytest "${args[@]}" "$@"
 }
 
 export REHEARSE PY COMMIT TEST_TIMEOUT
