@@ -13,10 +13,11 @@
 
 namespace fcot {
 
-// Launch configuration (the launchers and tests/compile_triton_sm90.py read these): up to
-// kSmnMaxThreads threads per block, each owning 1, 2, 4, ... kSmnMaxItems vectors of the row;
+// Launch configuration (the launchers and tests/compile_triton_sm90.py read these): whole warps,
+// kSmnMinThreads to kSmnMaxThreads threads per block, each owning 1, 2, 4, ... kSmnMaxItems vectors of the row;
 // kSmnMinBlocks16 blocks per SM for 16-bit inputs (<= 64 registers), kSmnMinBlocks32 for fp32.
 constexpr int kSmnMaxThreads = 512;
+constexpr int kSmnMinThreads = 64;
 constexpr int kSmnMaxItems = 32;
 constexpr int kSmnMinBlocks16 = 2;
 constexpr int kSmnMinBlocks32 = 1;
