@@ -43,7 +43,7 @@ def test_quick_run_rows_carry_provenance_ceilings_and_statuses(quick_run):
             assert env.get(key) not in (None, ""), (key, env)
         assert env["device_name"].startswith("cpu") and r["device"] == "cpu"
         assert env["copy_gbps"] > 0 and env["matmul_tflops"] > 0
-        assert r["status"] in ("ok", "skipped", "missing", "error")
+        assert r["status"] in harness.STATUSES
         assert r["status"] != "error", r
         if r["status"] == "ok":
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
@@ -92,15 +92,40 @@ def test_committed_performance_doc_is_generated_from_committed_runs():
     assert report.main(["--check"]) == 0, "docs/performance.md is stale: run `fcot bench report`"
 
 
-def test_cli_dispatches_bench_and_report(capsys):
+def test_cli_runs_bench_as_a_module_without_importing_it(capfd):
+    """``fcot bench`` is a thin entry: it runs ``python -m bench`` (bench imports fcot, never the
+    other way round)."""
+    import subprocess
+
     from fcot import cli
 
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "report", "--help"])
-    assert e.value.code == 0 and "docs/performance.md" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--help"])
-    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+    assert cli.main(["bench", "report", "--help"]) == 0
+    assert "docs/performance.md" in capfd.readouterr().out
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--quick" in capfd.readouterr().out
+    code = ("import sys, fcot.cli, fcot; print(sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bench_modules_import_downward_only():
+    """No circles: report and run do not import each other both ways; harness imports no bench module."""
+    import ast
+
+    root = Path(run.__file__).parent
+    imports = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        imports[path.stem] = names
+    assert imports["harness"] <= {None}, imports["harness"]
+    for a, deps in imports.items():
+        for b in deps:
+            assert a not in imports.get(b, set()), f"bench.{a} and bench.{b} import each other"
+    assert "run" not in imports["report"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -147,6 +172,56 @@ def test_cases_past_the_time_budget_are_rows_that_say_so():
                              modes=["forward"], ceilings=CEILINGS, env={}, quick=True, deadline=time.monotonic() - 1)
     assert [(r.status, r.note) for r in rows] == [
         ("skipped", "skipped: the run's time budget ran out before this case (--time-budget)")] * 2
+
+
+def test_a_case_past_its_share_is_cut_and_the_run_goes_on():
+    class Slow(_Fake):
+        PROVIDERS = ("slow", "eager")
+
+        @staticmethod
+        def setup(shape, provider, mode, dtype, device):
+            if provider == "slow":
+                return harness.Case(fn=lambda: time.sleep(30), bytes=1.0)
+            return _Fake.setup(shape, provider, mode, dtype, device)
+
+    start = time.monotonic()
+    rows = harness.run_cases("fake", Slow, device=CPU, dtype=torch.float32, modes=["forward"], ceilings=CEILINGS,
+                             env={}, quick=True, limit=0.5)
+    assert time.monotonic() - start < 10
+    assert rows[0].status == "cut" and rows[0].note.startswith("cut: still running after its 0.5 s share")
+    assert rows[0].median_ms is None and rows[1].status == "ok"
+
+
+def test_plan_times_target_cases_first_and_torch_compile_last():
+    import importlib
+
+    modules = {op: importlib.import_module(run.OPS[op]) for op in ("shuffle_merge_norm", "apply_fcot")}
+    cases = run.plan(modules, "cpu", None, None)
+    providers = [c[2] for c in cases]
+    first_late = min(i for i, p in enumerate(providers) if p in run.LATE_PROVIDERS)
+    assert all(p in run.LATE_PROVIDERS for p in providers[first_late:])
+    assert providers[first_late:] == sorted(providers[first_late:], key=run.LATE_PROVIDERS.index)
+    assert len(cases) == len(set(cases)) == sum(len(m.CPU_SHAPES) * len(m.PROVIDERS) * len(run._modes(m, None))
+                                               for m in modules.values())
+    gpu = run.plan(modules, "target", None, None)
+    wanted = run.target_cases()
+    flags = [c in wanted for c in gpu if c[2] not in run.LATE_PROVIDERS]
+    assert any(flags) and flags == sorted(flags, reverse=True)  # the targets' cases before the others
+
+
+def test_merge_replaces_the_rows_of_the_same_cases(tmp_path, monkeypatch):
+    fake = types.ModuleType("fcot_fake_bench2")
+    fake.SHAPES, fake.PROVIDERS, fake.CPU_SHAPES = _Fake.SHAPES, ("eager", "counted"), ["s"]
+    fake.setup = _Fake.setup
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(run.OPS, "fake", fake.__name__)
+    monkeypatch.setattr(harness, "copy_bandwidth_gbps", lambda device: 100.0)
+    monkeypatch.setattr(harness, "matmul_tflops", lambda device: 1.0)
+    common = ["--op", "fake", "--quick", "--no-progress", "--mode", "forward", "--out", str(tmp_path)]
+    assert run.main([*common, "--exclude-provider", "counted"]) == 0
+    assert run.main([*common, "--provider", "counted", "--merge"]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("counted", "ok")]
 
 
 def test_roofline_picks_the_binding_ceiling():
