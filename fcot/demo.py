@@ -424,10 +424,10 @@ def prefill_comparison(*, vit_layers: int = 1, llm_layers: int = 1, tiles: int =
                 times[key]["total"].append(total)
                 times[key]["llm"].append(llm)
     base_key = "none"
-    shapes = dict(vit={**v, "layers": vit_layers}, llm={**t, "layers": llm_layers, "vocab": vocab})
+    measured = dict(vit={**v, "layers": vit_layers}, llm={**t, "layers": llm_layers, "vocab": vocab})
     rows = []
     for key, tt in times.items():
-        flops = prefill_flops(**shapes, tiles=tiles, tokens_per_tile=per_tile_of[key], text_tokens=text_tokens)
+        flops = prefill_flops(**measured, tiles=tiles, tokens_per_tile=per_tile_of[key], text_tokens=text_tokens)
         full = prefill_flops(**shapes_in, tiles=tiles, tokens_per_tile=per_tile_of[key], text_tokens=text_tokens)
         rows.append({"setting": key, "tokens_per_tile": per_tile_of[key], "llm_tokens": text_tokens + tiles * per_tile_of[key],
                      "total_ms": _spread(tt["total"]), "llm_ms": _spread(tt["llm"]),
@@ -443,4 +443,5 @@ def prefill_comparison(*, vit_layers: int = 1, llm_layers: int = 1, tiles: int =
     return {"model": f"{name}, random weights, {vit_layers}+{llm_layers} of {v['layers']}+{t['layers']} layers, vocab {vocab}, "
                      f"{v['image']} px tiles",
             "tiles": tiles, "text_tokens": text_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
-            "order": "interleaved rounds after a warm-up round", "rows": rows}
+            "order": "interleaved rounds after a warm-up round", "rows": rows,
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

@@ -156,7 +156,9 @@ def prefill_section(prefill: dict) -> list[str]:
 
     lines = ["## Prefill at real widths", "",
              f"{prefill['model']}; {prefill['tiles']} tile(s) + {prefill['text_tokens']} text tokens, batch 1, "
-             f"{prefill['threads']} threads; {prefill['repeats']} {prefill['order']}; ms as median (p20-p80). "
+             f"{prefill['threads']} threads (1-min load average {prefill.get('load_average_1min')} at the end: other "
+             f"processes on the machine show up in the spread); {prefill['repeats']} {prefill['order']}; "
+             "ms as median (p20-p80). "
              "Speed-up = uncompressed median / this median; FLOP-ideal = uncompressed FLOPs / these FLOPs "
              "(dense matmuls + attention products). The ViT runs on every tile whatever the ratio, so the whole "
              "prefill gains less than the LLM.", "",

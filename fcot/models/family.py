@@ -208,8 +208,6 @@ def get_family(obj: Any) -> ModelFamily:
     return family
 
 
-
-
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained``'s dtype argument for the installed transformers: ``dtype=`` from 4.56
     on, ``torch_dtype=`` before (4.x before 4.56 rejects ``dtype=``)."""
