@@ -255,7 +255,20 @@ def run(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> FcotTra
     start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.fcot_data_summary = finish_run(trainer, cfg)
+    release_wrappers(trainer)
     return trainer
+
+
+def release_wrappers(trainer: FcotTrainer) -> None:
+    """Drop the DDP wrapper (and accelerate's references to prepared objects) once training is
+    done, while the process group is still up: a DDP reducer destroyed after
+    ``destroy_process_group`` (at interpreter exit) can abort the process ('terminate called
+    without an active exception'). ``trainer.model`` (the unwrapped module) stays usable."""
+    import gc
+
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
 
 
 __all__ = ["FcotTrainer", "Stage", "TrainModule", "build_trainer", "get_stage", "run"]
