@@ -9,7 +9,7 @@ DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" num
            accelerate peft safetensors pillow tqdm matplotlib pyyaml
 SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: env install demo test test-fast test-seeds bench bench-quick bench-report bench-pytest clean
+.PHONY: env install demo test test-fast test-seeds test-tf4 bench bench-quick bench-report bench-pytest clean
 
 env: $(VENV)/.deps
 $(VENV)/.deps: Makefile
@@ -47,6 +47,18 @@ test-seeds: install
 		echo "== FCOT_TEST_SEED=$$seed"; \
 		FCOT_TEST_SEED=$$seed $(PYTHON) -m pytest -q -m "not slow" $(TESTS); \
 	done
+
+# The remote-code family on a transformers 4.x: OpenGVLab's InternVL2 code runs unmodified only
+# up to 4.51 (README, "Versions"). transformers 4.51.3 and the two packages whose 4.51-compatible
+# versions differ from the venv's (+ requests, which huggingface-hub < 1.0 needs) go into an ignored folder
+# that shadows them through PYTHONPATH.
+TF4_DIR   := build/transformers-4.51
+TF4_TESTS := tests/fcot/models/test_family.py tests/fcot/models/test_autoload.py tests/fcot/eval/test_run_remote.py \
+             tests/fcot/models/test_internvl_chat.py
+test-tf4: install
+	test -f $(TF4_DIR)/.installed || { $(PIP) install -q --no-deps --target $(TF4_DIR) "transformers==4.51.3" \
+		"tokenizers>=0.21,<0.22" "huggingface-hub>=0.30,<1.0" requests charset-normalizer urllib3 certifi && touch $(TF4_DIR)/.installed; }
+	PYTHONPATH=$(TF4_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider $(TF4_TESTS)
 
 # The performance report: every benchmark into bench/results/<device>/<date>-<commit>/, then the
 # plots and docs/performance.md (commit both). bench-quick is the smoke run (CPU shapes).

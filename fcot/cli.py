@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _kernels_check(args: argparse.Namespace) -> int:
@@ -165,7 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
                     if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("prediction"), str):
                         raise EvalSetError(f"{args.predictions}:{n}: expected {{'id': str, 'prediction': str}}")
                     preds[row["id"]] = row["prediction"]
-        means, _ = score_predictions(load_eval_set(args.eval_set)[:args.limit], preds)
+        means, _ = score_predictions(load_eval_set(args.eval_set, args.image_root, max_pixels=args.max_pixels)[:args.limit],
+                                     preds, answer_pattern=args.answer_pattern, metric_options=_metric_options(args))
         print("  ".join(f"{k}={100 * v:.2f}%" for k, v in means.items()))
         return 0
     if not args.models:
@@ -179,13 +181,37 @@ def _eval(args: argparse.Namespace) -> int:
         import warnings
 
         warnings.warn("--ratio has no effect without --compressor (it sets the training-free compression ratio)", stacklevel=1)
+    from fcot.eval.run import EvalSkips
+
+    skips = EvalSkips(args.eval_set)
     results = evaluate(args.models, args.eval_set, compressors=args.compressor or (), ratios=args.ratio or [0.5], names=args.name,
                        limit=args.limit, out=args.out, device=args.device, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet)
+                       max_new_tokens=args.max_new_tokens, max_tiles=args.max_tiles, progress=not args.quiet,
+                       trust_remote_code=args.trust_remote_code, answer_pattern=args.answer_pattern,
+                       image_root=args.image_root, max_pixels=args.max_pixels, metric_options=_metric_options(args),
+                       skips=skips)
+    if skips.skipped:
+        print(f"skipped records: {skips}", file=sys.stderr)
     print(format_table(results))
     if args.out:
         print(f"wrote {args.out}/eval.json and {args.out}/predictions/")
     return 0
+
+
+def _metric_options(args: argparse.Namespace) -> dict[str, dict]:
+    """``--metric-option METRIC.KEY=VALUE`` (repeatable) -> ``{metric: {key: value}}``; numbers become floats."""
+    options: dict[str, dict] = {}
+    for item in args.metric_option or []:
+        key, sep, value = item.partition("=")
+        metric, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--metric-option {item!r}: expected METRIC.KEY=VALUE, e.g. anls.convention=paper")
+        try:
+            parsed: Any = float(value)
+        except ValueError:
+            parsed = value
+        options.setdefault(metric, {})[name] = parsed
+    return options
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -205,11 +231,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_eval(sub) -> None:
     from fcot.compress import COMPRESSORS
 
+    from fcot.eval.answer import DEFAULT_ANSWER_PATTERN
+
     p = sub.add_parser("eval", help="answer a JSONL eval set with generate and score it (EM, ANLS, relaxed, VQA acc)",
-                       description="Each MODEL is a transformers-native InternVL folder: a compressed one (config.fcot, "
+                       description="Each MODEL is an InternVL folder (transformers-native 'internvl', or OpenGVLab "
+                                   "remote-code 'internvl_chat' with --trust-remote-code): a compressed one (config.fcot, "
                                    "loaded with fcot.load_compressed) or a plain one (the teacher; with --compressor also "
-                                   "evaluated training-free at each --ratio). Prints a table; --out writes eval.json and "
-                                   "per-model predictions.")
+                                   "evaluated training-free at each --ratio). Questions are asked in the prompt the "
+                                   "model's own chat code builds. Every option and folder is checked before the first "
+                                   "model loads; bad records are skipped and counted. Prints a table; --out writes "
+                                   "eval.json and per-model predictions as each model finishes (docs/eval.md).")
     p.add_argument("models", nargs="*", metavar="MODEL", help="model folders")
     p.add_argument("--eval-set", required=True, help="records JSONL (fcot.data.records format; answers from the gpt turns "
                    "or an 'answers' list)")
@@ -223,6 +254,18 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folders' own code (OpenGVLab's internvl_chat checkpoints, fcot's auto_map loader)")
+    p.add_argument("--answer-pattern", default=DEFAULT_ANSWER_PATTERN,
+                   help="regex whose last match's group is the answer scored (chain-of-thought outputs; raw text kept in "
+                        "the predictions); 'none' scores the raw text (default: the text after the last 'Answer:')")
+    p.add_argument("--metric-option", action="append", metavar="METRIC.KEY=VALUE",
+                   help="a metric's non-default convention (repeatable): anls.convention=paper, anls.threshold=0.5, "
+                        "vqa_accuracy.convention=vqav2, relaxed_accuracy.tolerance=0.05 (docs/eval.md)")
+    p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the JSONL's folder)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="images with more pixels are skipped and counted (default: FCOT_MAX_IMAGE_PIXELS, else "
+                        "40,000,000; 0 turns the cap off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_eval)
 

@@ -12,7 +12,12 @@
    (:func:`fcot.apply_fcot` on the teacher), evaluated with ``fcot eval``'s code.
 4. **FCoT-VL.** Stage-1 self-distillation of a ``conv`` student at 0.5 and 0.75, stage-2
    post-training, and a merge of two post-trained checkpoints.
-5. **Report.** ``fcot report`` on the run folder: plots and ``report.md``.
+5. **Prefill at real widths.** :func:`prefill_comparison`: an InternVL2-1B-shaped random-weight
+   model (a 448 px tile, one ViT and one LLM layer of InternVL2-1B's widths), uncompressed and
+   at 0.5 / 0.75, timed in interleaved rounds (median, p20, p80), next to the FLOP-ideal
+   speed-up: where compression shows what it is for. The tiny model's own latency column is
+   per-call overhead (16 visual tokens, 0.7M parameters) and says nothing about speed.
+6. **Report.** ``fcot report`` on the run folder: plots and ``report.md``.
 
 Everything is seeded (``--seed``); ``--quick`` runs the same chain with a handful of steps
 and questions (seconds; the test suite runs it), so its accuracies mean nothing.
@@ -24,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +163,10 @@ class Plan:
 
 QUICK = Plan(train_pages=16, test_pages=6, teacher_steps=3, distill_steps=2, posttrain_steps=2, batch_size=4,
              latency_samples=1)
+QUICK_PREFILL = dict(repeats=1, shapes=dict(vit=dict(hidden=128, heads=2, intermediate=256, layers=24, image=64, patch=8),
+                                            llm=dict(hidden=128, heads=2, kv_heads=1, intermediate=256, layers=24, vocab=512)),
+                     vocab=512, text_tokens=8)
+"""``--quick``: the same comparison on a toy shape (the chain and the report section, not a measurement)."""
 
 
 def save_bundle(model, tokenizer, image_processor, out: Path) -> Path:
@@ -235,7 +245,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     t0 = time.perf_counter()
     transformers.set_seed(seed)
     transformers.logging.set_verbosity_error()
-    steps_total = 6
+    steps_total = 7
     say = (lambda k, msg: print(f"[{k}/{steps_total}] {msg}", flush=True))
 
     say(1, f"task: {plan.train_pages} training pages, {plan.test_pages} test pages of numbers never trained on "
@@ -280,6 +290,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
         results.append(evaluate_model(student, tok, til, questions, name=name, role=role, path=str(path), **kw))
         del student
 
+    say(7, "prefill at real widths: an InternVL2-1B-shaped random-weight model, uncompressed vs avg@0.5/0.75 "
+           "(interleaved rounds, median and spread, next to the FLOP-ideal speed-up)")
+    prefill = prefill_comparison(**(QUICK_PREFILL if quick else {}), seed=seed)
+    (run / "prefill.json").write_text(json.dumps(prefill, indent=2) + "\n", encoding="utf-8")
+
     wall = time.perf_counter() - t0
     write_results(run, results, eval_set=str(test))
     (run / "summary.json").write_text(json.dumps({
@@ -292,3 +307,141 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, seed:
     print(format_table(results))
     print(f"\nfcot demo finished in {wall / 60:.1f} min; report: {report} (plots next to it)")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill at real widths
+# ---------------------------------------------------------------------------------------------
+
+INTERNVL2_1B = dict(
+    vit=dict(hidden=1024, heads=16, intermediate=4096, layers=24, image=448, patch=14),
+    llm=dict(hidden=896, heads=14, kv_heads=2, intermediate=4864, layers=24, vocab=151655),
+)
+"""InternVL2-1B's shapes: InternViT-300M-448px and Qwen2-0.5B (``/work/shared/MODELS.md``)."""
+
+
+def prefill_flops(*, vit: dict, llm: dict, tiles: int, tokens_per_tile: int, text_tokens: int) -> dict[str, float]:
+    """FLOPs (2 per multiply-add) of one batch-1 prefill: the ViT over ``tiles`` tiles (CLS +
+    patches), the projector, and the LLM over ``text_tokens + tiles * tokens_per_tile`` tokens
+    with only the last position's logits (what ``generate`` computes). ``vit``/``llm`` count the
+    dense matmuls (patch embedding, projections, MLPs, LM head); ``attention`` the QK^T and PV
+    products of both, over all key positions (the CPU kernels do not skip the masked half).
+    Norms, activations and softmax are left out."""
+    n = (vit["image"] // vit["patch"]) ** 2 + 1
+    c, f = vit["hidden"], vit["intermediate"]
+    vit_dense = vit["layers"] * 2 * n * (4 * c * c + 2 * c * f) + 2 * (n - 1) * 3 * vit["patch"] ** 2 * c
+    vit_attention = vit["layers"] * 2 * 2 * n * n * c
+    projector = 2 * tiles * tokens_per_tile * (c * 4 * llm["hidden"] + llm["hidden"] ** 2)
+    length = text_tokens + tiles * tokens_per_tile
+    h, kv = llm["hidden"], llm["hidden"] // llm["heads"] * llm["kv_heads"]
+    llm_dense = llm["layers"] * 2 * length * (2 * h * h + 2 * h * kv + 3 * h * llm["intermediate"]) + 2 * h * llm["vocab"]
+    llm_attention = llm["layers"] * 2 * 2 * length * length * h
+    return {"vit": tiles * vit_dense, "projector": projector, "llm": llm_dense,
+            "attention": tiles * vit_attention + llm_attention, "llm_attention": llm_attention}
+
+
+def _total(flops: dict[str, float]) -> float:
+    return flops["vit"] + flops["projector"] + flops["llm"] + flops["attention"]
+
+
+def _llm(flops: dict[str, float]) -> float:
+    return flops["llm"] + flops["llm_attention"]
+
+
+def _spread(times: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median": statistics.median(times), "p20": qs[0], "p80": qs[3], "n": len(times)}
+
+
+def prefill_comparison(*, vit_layers: int = 1, llm_layers: int = 1, tiles: int = 1, text_tokens: int = 40,
+                       repeats: int = 5, settings=(("none", 0.5), ("avg", 0.5), ("avg", 0.75)), vocab: int = 8192,
+                       seed: int = 0, shapes: dict | None = None) -> dict[str, Any]:
+    """Prefill latency of an InternVL2-1B-shaped random-weight model (transformers-native InternVL,
+    ``vit_layers`` / ``llm_layers`` of its 24 + 24, 448 px tiles) uncompressed and compressed,
+    next to the FLOP-ideal speed-up. Settings are measured in interleaved rounds (each round
+    applies every setting once, in order, then reverts it), after one warm-up round, so load on
+    the machine hits all settings alike; each is reported as median, p20 and p80. Two timings per
+    setting: the whole prefill (ViT, compressor + projector, LLM) and the LLM alone on the
+    merged embeddings (what compression shortens). The vocabulary is ``vocab`` (only the last
+    position's logits are computed, as ``generate`` does, so it barely counts). The ViT and
+    LLM keep InternVL2-1B's 1:1 layer ratio by default, so the whole-prefill ratio is the full
+    model's; ``gflops_24_layers`` / ``ideal_total_24_layers`` give the full 24+24 model's FLOPs.
+    ``shapes`` replaces :data:`INTERNVL2_1B` (the tests use a toy one)."""
+    import transformers
+
+    import fcot
+
+    shapes_in = shapes or INTERNVL2_1B
+    v, t = shapes_in["vit"], shapes_in["llm"]
+    config = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=v["hidden"], num_attention_heads=v["heads"], intermediate_size=v["intermediate"],
+                           num_hidden_layers=vit_layers, image_size=[v["image"]] * 2, patch_size=[v["patch"]] * 2,
+                           use_qk_norm=False),
+        text_config=dict(model_type="qwen2", hidden_size=t["hidden"], num_attention_heads=t["heads"],
+                         num_key_value_heads=t["kv_heads"], intermediate_size=t["intermediate"],
+                         num_hidden_layers=llm_layers, vocab_size=vocab, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+        image_token_id=vocab - 1, downsample_ratio=0.5, image_seq_length=(v["image"] // v["patch"]) ** 2 // 4,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.InternVLForConditionalGeneration(config).eval()
+        pixels = torch.randn(tiles, 3, v["image"], v["image"])
+        text = torch.randint(0, vocab - 2, (text_tokens,))
+
+    def inputs(per_tile: int) -> dict[str, torch.Tensor]:
+        ids = torch.cat([text[:4], torch.full((tiles * per_tile,), vocab - 1), text[4:]])[None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+    def run(name: str, ratio: float) -> tuple[float, float, int]:
+        if name != "none":
+            fcot.apply_fcot(model, compressor=name, ratio=ratio, fused=False)
+        try:
+            per_tile = int(model.config.image_seq_length)
+            batch = inputs(per_tile)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(**batch, logits_to_keep=1)
+                total = time.perf_counter() - t0
+                embeds = model.get_input_embeddings()(batch["input_ids"])
+                t0 = time.perf_counter()
+                model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+                llm = time.perf_counter() - t0
+        finally:
+            if name != "none":
+                fcot.revert_fcot(model)
+        return total * 1e3, llm * 1e3, per_tile
+
+    times: dict[str, dict[str, list[float]]] = {f"{n}@{r:g}" if n != "none" else "none": {"total": [], "llm": []}
+                                                for n, r in settings}
+    per_tile_of: dict[str, int] = {}
+    for rnd in range(repeats + 1):  # round 0 warms up every setting
+        for name, ratio in settings:
+            key = f"{name}@{ratio:g}" if name != "none" else "none"
+            total, llm, per_tile = run(name, ratio)
+            per_tile_of[key] = per_tile
+            if rnd:
+                times[key]["total"].append(total)
+                times[key]["llm"].append(llm)
+    base_key = "none"
+    measured = dict(vit={**v, "layers": vit_layers}, llm={**t, "layers": llm_layers, "vocab": vocab})
+    rows = []
+    for key, tt in times.items():
+        flops = prefill_flops(**measured, tiles=tiles, tokens_per_tile=per_tile_of[key], text_tokens=text_tokens)
+        full = prefill_flops(**shapes_in, tiles=tiles, tokens_per_tile=per_tile_of[key], text_tokens=text_tokens)
+        rows.append({"setting": key, "tokens_per_tile": per_tile_of[key], "llm_tokens": text_tokens + tiles * per_tile_of[key],
+                     "total_ms": _spread(tt["total"]), "llm_ms": _spread(tt["llm"]),
+                     "gflops": {k: x / 1e9 for k, x in flops.items()}, "gflops_24_layers": {k: x / 1e9 for k, x in full.items()}})
+    base = next(r for r in rows if r["setting"] == base_key)
+    for r in rows:
+        r["speedup_total"] = base["total_ms"]["median"] / r["total_ms"]["median"]
+        r["speedup_llm"] = base["llm_ms"]["median"] / r["llm_ms"]["median"]
+        r["ideal_total"] = _total(base["gflops"]) / _total(r["gflops"])
+        r["ideal_llm"] = _llm(base["gflops"]) / _llm(r["gflops"])
+        r["ideal_total_24_layers"] = _total(base["gflops_24_layers"]) / _total(r["gflops_24_layers"])
+    name = "InternVL2-1B-shaped" if shapes is None else "toy-shaped"
+    return {"model": f"{name}, random weights, {vit_layers}+{llm_layers} of {v['layers']}+{t['layers']} layers, vocab {vocab}, "
+                     f"{v['image']} px tiles",
+            "tiles": tiles, "text_tokens": text_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+            "order": "interleaved rounds after a warm-up round", "rows": rows,
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

@@ -18,6 +18,7 @@ from torch import nn
 
 from .compress import COMPRESSORS, get_compressor
 from .models import get_family
+from .models.autoload import bind_save, resolve_model_class
 from .models.base import FcotError, FcotOptions, Patch
 
 _OPTIONS = ("compressor", "ratio", "fused", "backend", "proportional_attention")
@@ -108,6 +109,7 @@ def apply_fcot(
     patch = Patch(model, options, family.model_type)
     try:
         family.patch(model, processor, comp, patch)
+        bind_save(patch, model)  # save_pretrained keeps the code and maps the auto classes to fcot's loader
     except BaseException:
         patch.revert()
         raise
@@ -155,13 +157,19 @@ def load_compressed(
     *,
     fused: bool = True,
     backend: str | None = None,
+    model_class: type | None = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after :func:`apply_fcot`: the base model is
     built with ``from_pretrained(path, use_safetensors=True, **from_pretrained_kwargs)``, patched
     with the saved compressor/ratio/proportional_attention, and the compressor's weights are
     loaded from the checkpoint's safetensors files. Remote code runs only when the caller passes
-    ``trust_remote_code=True``. ``processor`` (optional) is synced as in :func:`apply_fcot`."""
+    ``trust_remote_code=True``. ``processor`` (optional) is synced as in :func:`apply_fcot`.
+
+    The base model's class is ``model_class`` when given, else the one the checkpoint's
+    ``fcot.model_class`` names (written by ``save_pretrained``), else its ``architectures``.
+    A compressed checkpoint also loads through ``AutoModel.from_pretrained(path,
+    trust_remote_code=True)``, which calls this function (:mod:`fcot.models.autoload`)."""
     import torch
     import transformers
     from safetensors import safe_open
@@ -186,8 +194,13 @@ def load_compressed(
     del config.fcot
     for key, value in section.get("base", {}).items():
         setattr(config, key, value)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    from_pretrained_kwargs.pop("config", None)
+    cls = model_class
+    if cls is None and section.get("model_class"):
+        cls = resolve_model_class(path, section["model_class"], trust)
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModel
     verbosity = transformers.logging.get_verbosity()

@@ -7,7 +7,9 @@ Reads, under ``RUN_DIR``:
   image, metrics, prefill latency and peak memory;
 - ``metrics.jsonl`` files anywhere below (one per training stage; the trainers' log): lines
   with ``step`` and ``loss`` (other keys ignored); the stage is the line's ``stage`` or the
-  file's folder name.
+  file's folder name;
+- ``prefill.json`` at the top (written by ``fcot demo``): the real-width prefill comparison,
+  measured latency against the FLOP-ideal speed-up, shown as its own table.
 
 Writes ``RUN_DIR/report/``: ``loss.png`` (loss per stage), ``accuracy_vs_tokens.png``
 (accuracy against visual tokens per image, one series per compressor, the teacher as a
@@ -136,8 +138,38 @@ def markdown_table(models) -> str:
     for m in models:
         lines.append(f"| {m['name']} | {m['role']} | {m['compressor']} | {m['ratio']:g} | {m['visual_tokens_per_image']:.0f} | " +
                      " | ".join(f"{100 * m['metrics'][k]:.1f}" for k in metrics) +
-                     f" | {m['prefill_ms']:.2f} | {m['peak_memory_mb']:.0f} ({m['memory_kind']}) |")
+                     f" | {_latency(m)} | {m['peak_memory_mb']:.0f} ({m['memory_kind']}) |")
     return "\n".join(lines)
+
+
+def _latency(m: dict) -> str:
+    """Median prefill ms, with its p20-p80 spread when the run recorded one."""
+    if m.get("prefill_ms_p80"):
+        return f"{m['prefill_ms']:.2f} ({m['prefill_ms_p20']:.2f}-{m['prefill_ms_p80']:.2f})"
+    return f"{m['prefill_ms']:.2f}"
+
+
+def prefill_section(prefill: dict) -> list[str]:
+    """The demo's real-width prefill comparison (``prefill.json``): measured against FLOP-ideal."""
+    def ms(d):
+        return f"{d['median']:.0f} ({d['p20']:.0f}-{d['p80']:.0f})"
+
+    lines = ["## Prefill at real widths", "",
+             f"{prefill['model']}; {prefill['tiles']} tile(s) + {prefill['text_tokens']} text tokens, batch 1, "
+             f"{prefill['threads']} threads (1-min load average {prefill.get('load_average_1min')} at the end: other "
+             f"processes on the machine show up in the spread); {prefill['repeats']} {prefill['order']}; "
+             "ms as median (p20-p80). "
+             "Speed-up = uncompressed median / this median; FLOP-ideal = uncompressed FLOPs / these FLOPs "
+             "(dense matmuls + attention products). The ViT runs on every tile whatever the ratio, so the whole "
+             "prefill gains less than the LLM.", "",
+             "| setting | visual tokens / tile | LLM tokens | prefill ms | speed-up | FLOP-ideal | LLM ms | LLM speed-up "
+             "| LLM FLOP-ideal | FLOP-ideal, all 24+24 layers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in prefill["rows"]:
+        lines.append(f"| {r['setting']} | {r['tokens_per_tile']} | {r['llm_tokens']} | {ms(r['total_ms'])} | "
+                     f"{r['speedup_total']:.2f}x | {r['ideal_total']:.2f}x | {ms(r['llm_ms'])} | {r['speedup_llm']:.2f}x | "
+                     f"{r['ideal_llm']:.2f}x | {r['ideal_total_24_layers']:.2f}x |")
+    return lines + [""]
 
 
 def write_report(run: str | os.PathLike, metric: str = "exact_match") -> Path:
@@ -161,6 +193,9 @@ def write_report(run: str | os.PathLike, metric: str = "exact_match") -> Path:
         _plot_latency(models, out / "latency.png")
         parts += ["## Accuracy (%), visual tokens, latency, memory", "", markdown_table(models), "",
                   f"![accuracy vs visual tokens](accuracy_vs_tokens.png)", "", "![prefill latency](latency.png)", ""]
+    prefill_path = run / "prefill.json"
+    if prefill_path.is_file():
+        parts += prefill_section(json.loads(prefill_path.read_text(encoding="utf-8")))
     if curves:
         _plot_loss(curves, out / "loss.png")
         parts += ["## Training loss", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]

@@ -11,7 +11,7 @@ import pkgutil
 from .base import FcotError, FcotOptions, FcotProjector, Patch
 from .family import FAMILIES, ChatFormat, FamilyParts, Loaded, ModelFamily, dtype_kwarg, get_family, register_family
 
-_SHARED = {"attention", "base", "family", "tiny"}  # helpers, not families
+_SHARED = {"attention", "autoload", "base", "family", "tiny"}  # helpers, not families
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name.startswith("_") or _info.name in _SHARED:

@@ -132,9 +132,36 @@ class ModelFamily:
              trust_remote_code: bool = False) -> Loaded:
         raise NotImplementedError
 
+    def check_generate(self, model: nn.Module) -> None:
+        """Raise a clear :class:`FcotError` when ``generate`` cannot run on this model here (checked
+        before the first forward)."""
+
     def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         """``(B, new)``: the generated tokens after the prompt (greedy unless ``kwargs`` say otherwise)."""
         raise NotImplementedError
+
+    def prefill(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """One forward of a batch of prompts (``input_ids``, ``attention_mask``, optional
+        ``pixel_values``), as ``generate``'s prefill runs it: what latency measurements time."""
+        raise NotImplementedError
+
+    auto_classes: ClassVar[tuple[str, ...]] = ("AutoModel",)
+    """The transformers auto classes a saved compressed checkpoint maps to fcot's loader."""
+
+    def autoload_spec(self, model: nn.Module) -> dict[str, Any]:
+        """What :func:`fcot.models.autoload.finish_checkpoint` writes for ``model``'s class:
+        ``imports`` (the stub's import of the class as ``_FcotBase``), ``classes`` (auto class
+        -> stub class name) and ``base_ref`` (how ``load_compressed`` finds the class again)."""
+        cls = type(model)
+        module, name = cls.__module__, cls.__name__
+        if module.startswith("transformers.") and not module.startswith("transformers_modules."):
+            imports, ref = f"from transformers import {name} as _FcotBase", name
+        elif module.startswith("transformers_modules."):
+            last = module.rsplit(".", 1)[-1]
+            imports, ref = f"from .{last} import {name} as _FcotBase", f"{last}.{name}"
+        else:  # a class registered in-process from an importable package
+            imports, ref = f"from {module} import {name} as _FcotBase", f"{module}:{name}"
+        return {"imports": imports, "classes": {a: f"Fcot{name}" for a in self.auto_classes}, "base_ref": ref}
 
     def __repr__(self) -> str:
         return f"<fcot model family {self.model_type!r}: {self.description}>"
@@ -179,8 +206,6 @@ def get_family(obj: Any) -> ModelFamily:
             f"(a new family is one module under fcot/models/ exporting FAMILY = <ModelFamily subclass>())"
         )
     return family
-
-
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:

@@ -156,6 +156,7 @@ class InternVLFamily(ModelFamily):
 
     model_type = "internvl"
     description = "transformers-native InternVL (InternVLForConditionalGeneration, -hf checkpoints)"
+    auto_classes = ("AutoModel", "AutoModelForImageTextToText")
 
     def patch(self, model, processor, compressor, patch) -> None:
         patch_internvl(model, processor, compressor, patch)
@@ -225,6 +226,9 @@ class InternVLFamily(ModelFamily):
     def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         out = model.generate(**inputs, **kwargs)
         return out[:, inputs["input_ids"].shape[1]:]
+
+    def prefill(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        return model(**inputs, use_cache=True)
 
 
 FAMILY = InternVLFamily()

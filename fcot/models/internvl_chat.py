@@ -156,6 +156,7 @@ class InternVLChatFamily(ModelFamily):
     model_type = "internvl_chat"
     description = "OpenGVLab remote-code InternVL2/2.5 (InternVLChatModel, trust_remote_code=True)"
     needs_remote_code = True
+    auto_classes = ("AutoModel", "AutoModelForCausalLM")
 
     def patch(self, model, processor, compressor, patch) -> None:
         patch_internvl_chat(model, processor, compressor, patch)
@@ -232,11 +233,34 @@ class InternVLChatFamily(ModelFamily):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return Loaded(model.to(device).eval(), tokenizer, None, "fcot" in config)
 
+    def check_generate(self, model: nn.Module) -> None:
+        """OpenGVLab's ``generate`` calls ``language_model.generate``; OpenGVLab's InternLM2 derives
+        from ``PreTrainedModel`` alone, which includes ``GenerationMixin`` only on transformers < 5."""
+        lm = model.language_model
+        if not callable(getattr(lm, "generate", None)):
+            import transformers
+
+            raise FcotError(
+                f"{type(lm).__name__} (this checkpoint's LLM, OpenGVLab remote code) has no generate() under transformers "
+                f"{transformers.__version__}: its class derives from PreTrainedModel without GenerationMixin, which "
+                "PreTrainedModel includes only before transformers 5. Use transformers 4.37-4.51 for OpenGVLab's InternLM2 "
+                "checkpoints (InternVL2-2B/8B/26B); see the README's version table"
+            )
+
     def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        self.check_generate(model)
         # InternVLChatModel.generate embeds the prompt and calls the LLM's generate on
         # inputs_embeds, which returns the new tokens only.
         return model.generate(pixel_values=inputs.get("pixel_values"), input_ids=inputs["input_ids"],
                               attention_mask=inputs["attention_mask"], **kwargs)
+
+    def prefill(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:  # InternVLChatModel.forward needs images: a text-only prompt is the LLM's
+            return model.language_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
+        flags = torch.ones(pixel_values.shape[0], 1, dtype=torch.long, device=pixel_values.device)
+        return model(pixel_values=pixel_values, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     image_flags=flags, use_cache=True)
 
 
 FAMILY = InternVLChatFamily()

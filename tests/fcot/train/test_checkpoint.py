@@ -217,11 +217,16 @@ def test_resume_never_uses_an_incomplete_checkpoint(data, tmp_path, caplog):
     (out / "checkpoint-4" / "optimizer.pt").unlink()
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "lo')  # and a torn last metrics line, as a kill mid-write leaves
+    leftovers = [out / ".staging" / "checkpoint-5" / "model.safetensors", out / ".fcot_config.yaml.tmp-12345"]
+    for path in leftovers:  # what a save killed by a full disk leaves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fcot.train"):
         resumed = run_distill(cfg, resume=True)
     assert "skipped checkpoint-4" in caplog.text and "optimizer.pt is missing" in caplog.text
     assert (out / ".damaged" / "checkpoint-4").is_dir() and resumed.state.global_step == 6
+    assert not any(p.exists() for p in leftovers) and not (out / ".staging").exists()
     got = _losses(out)
     assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor([x for _, x in got]), torch.tensor([x for _, x in ref_losses]),
