@@ -53,6 +53,9 @@ class TrainModule(nn.Module):
         self.model = model
         self.parts = ModelParts(model, tokenizer)
         self.cfg = cfg
+        # accelerate's FSDP auto-wrap policy reads the root module's _no_split_modules (the ViT's
+        # and the LLM's blocks): give it the wrapped model's, so each block is its own FSDP unit.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.log_parts = False
         """Set by :class:`FcotTrainer` on the steps it logs: the forward then also returns the
         loss's parts (per-stage metrics such as KL, CE, agreement), computed without a graph."""
