@@ -71,7 +71,7 @@ def shard_module(module: nn.Module) -> nn.Module:
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("training.fsdp: no torch.distributed process group; launch with torchrun")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    names = set(getattr(module.model, "_no_split_modules", None) or [])
+    names = set(getattr(module, "_no_split_modules", None) or [])
     layers = [m for m in module.model.modules() if type(m).__name__ in names]
     if not layers:
         raise ConfigError(f"training.fsdp: {type(module.model).__name__} lists no _no_split_modules layers to shard")

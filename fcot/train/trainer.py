@@ -53,6 +53,9 @@ class TrainModule(nn.Module):
         self.model = model
         self.parts = ModelParts(model, tokenizer)
         self.cfg = cfg
+        # accelerate's FSDP auto-wrap policy reads the root module's _no_split_modules (the ViT's
+        # and the LLM's blocks): give it the wrapped model's, so each block is its own FSDP unit.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.log_parts = False
         """Set by :class:`FcotTrainer` on the steps it logs: the forward then also returns the
         loss's parts (per-stage metrics such as KL, CE, agreement), computed without a graph."""
@@ -255,7 +258,20 @@ def run(cfg: RunConfig, *, resume: bool = False, **build_kwargs: Any) -> FcotTra
     start_run(cfg)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.fcot_data_summary = finish_run(trainer, cfg)
+    release_wrappers(trainer)
     return trainer
+
+
+def release_wrappers(trainer: FcotTrainer) -> None:
+    """Drop the DDP wrapper (and accelerate's references to prepared objects) once training is
+    done, while the process group is still up: a DDP reducer destroyed after
+    ``destroy_process_group`` (at interpreter exit) can abort the process ('terminate called
+    without an active exception'). ``trainer.model`` (the unwrapped module) stays usable."""
+    import gc
+
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
 
 
 __all__ = ["FcotTrainer", "Stage", "TrainModule", "build_trainer", "get_stage", "run"]

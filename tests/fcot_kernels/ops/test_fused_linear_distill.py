@@ -634,3 +634,24 @@ def test_ce_only_bad_input(overrides, match):
 def test_ce_only_no_op_flags_warn():
     with pytest.warns(UserWarning, match=r"temperature=2.0 and divergence='forward_kl' have no effect with kl_weight=0"):
         _call(teacher_hidden=None, kl_weight=0.0, ce_weight=1.0, temperature=2.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_ce_only_under_torch_compile_fullgraph(backend):
+    """The CE-only call (no teacher) traces as one graph, forward and backward, and gives the
+    eager values."""
+    xs, _, w, b, labels = make_inputs(6, 8, 37, torch.float32)
+    kw = dict(labels=labels, kl_weight=0.0, ce_weight=1.0, backend=backend)
+
+    def fn(xs, w, b):
+        return fk.fused_linear_distill(xs, None, w, b, **kw)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got = compiled(xs, w, b)
+    got_grads = torch.autograd.grad(got, [xs, w, b])
+    want = fn(xs, w, b)
+    want_grads = torch.autograd.grad(want, [xs, w, b])
+    assert_close(got.detach(), want.detach(), name="loss")
+    for g, e, name in zip(got_grads, want_grads, ("dstudent_hidden", "dweight", "dbias")):
+        assert_close(g, e, name=name)
