@@ -40,7 +40,7 @@ def rehearsals(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
              "timeout": _start(root / "timeout", FCOT_REHEARSE_BUILD="timeout", FCOT_REHEARSE_SLOW_TEST="1")}
     out = {}
     for name, proc in procs.items():
-        log, _ = proc.communicate(timeout=300)
+        log, _ = proc.communicate(timeout=900)
         out[name] = (proc.returncode, log, root / name)
     return out
 
