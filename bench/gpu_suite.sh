@@ -36,8 +36,10 @@
 # (each stage's seconds and exit status, appended as it ends), build.log, tests.log,
 # sanitizer.log, bench.log, bench.csv, bench.json. Copy them to
 # bench/results/<device>/<date>-<short commit>/, commit them as produced and run
-# `python -m bench report` (plots + docs/performance.md). Exit status: 0 when every stage
-# exited 0 (cut benchmark cases are rows, not failures), else 1.
+# `python -m bench report` (plots + docs/performance.md) and `python -m bench dispatch DIR` (the
+# measured backend order into fcot_kernels/dispatch_table.json, which the run itself does not
+# touch: only OUTDIR comes back). Exit status: 0 when every stage exited 0 (cut benchmark cases
+# are rows, not failures), else 1.
 #
 # Environment: PYTHON (default python3); FCOT_BENCH_SHAPES=target|all (default target);
 # FCOT_REHEARSE_BUILD=ok|fail|timeout and FCOT_REHEARSE_SLOW_TEST=1 choose what --rehearse simulates.
