@@ -343,3 +343,19 @@ def test_liger_peer_computes_the_same_loss_as_fcot():
     loss = LOSSES["jsd"]
     liger = _liger()(jsd_beta=loss["beta"], temperature=loss["temperature"])(xs, w, xt, w, labels)
     torch.testing.assert_close(liger, fused_linear_distill_ref(xs, xt, w, labels=labels, **loss), rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_folds_a_gpu_run_and_refuses_a_cpu_one(tmp_path):
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    rows = [_gpu_row("shuffle_merge_norm", targets.SMN_300M, p, "forward", ms) for p, ms in (("triton", 2.0), ("cuda", 1.0))]
+    (gpu / "bench.json").write_text(json.dumps(rows))
+    table = tmp_path / "table.json"
+    assert run.main(["dispatch", str(gpu), "--table", str(table)]) == 0
+    entry = json.loads(table.read_text())["measured"]["shuffle_merge_norm"]["NVIDIA H100 80GB HBM3"]
+    assert entry["order"] == ["cuda", "triton"]
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    (cpu / "bench.json").write_text(json.dumps([{**r, "device": "cpu"} for r in rows]))
+    with pytest.raises(SystemExit, match="not a GPU run"):
+        run.main(["dispatch", str(cpu), "--table", str(table)])
