@@ -135,7 +135,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
     part = shape["part"]
     if part == "step":
         def run():
-            loss = distill_loss(m(**batch), parts.head, st.cfg)
+            loss = m(**batch)["loss"]  # the module's forward is the whole stage-1 loss, LM head included
             loss.backward()
             st.opt.step()
             st.opt.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def setup(shape: dict, provider: str, mode: str, dtype: torch.dtype, device: tor
         return Case(fn=run, tokens=batch["student_input_ids"].numel())
     if part == "loss":
         with torch.no_grad():
-            out = m(**batch)
+            out = m.rows(**batch)
         s = out["student_hidden"].detach().requires_grad_()
         rows = {"student_hidden": s, "teacher_hidden": out["teacher_hidden"], "labels": out["labels"]}
 

@@ -74,6 +74,7 @@ def build_config():
                          max_position_embeddings=512, tie_word_embeddings=False),
         image_token_id=VOCAB.index("<IMG_CONTEXT>"), downsample_ratio=0.5, projector_hidden_act="gelu",
         image_seq_length=(size // PATCH) ** 2 // 4,
+        tie_word_embeddings=False,  # transformers 5 reads the top-level flag (default True), not text_config's
     )
 
 

@@ -6,12 +6,14 @@ Reads, under ``RUN_DIR``:
   top, else all below): one entry per model with role, compressor, ratio, visual tokens per
   image, metrics, prefill latency and peak memory;
 - ``metrics.jsonl`` files anywhere below (one per training stage; the trainers' log): lines
-  with ``step`` and ``loss`` (other keys ignored); the stage is the line's ``stage`` or the
-  file's folder name;
+  with ``step`` and ``loss``, and the loss's parts where the stage logs them (stage 1: ``kl``,
+  ``ce``, ``agreement``; other keys ignored); the stage is the line's ``stage`` or the file's
+  folder name; a torn last line (an interrupted write) is dropped with a warning;
 - ``prefill.json`` at the top (written by ``fcot demo``): the real-width prefill comparison,
   measured latency against the FLOP-ideal speed-up, shown as its own table.
 
-Writes ``RUN_DIR/report/``: ``loss.png`` (loss per stage), ``accuracy_vs_tokens.png``
+Writes ``RUN_DIR/report/``: ``loss.png`` (loss per stage, with KL, CE and teacher-student
+agreement beside it where logged), ``accuracy_vs_tokens.png``
 (accuracy against visual tokens per image, one series per compressor, the teacher as a
 horizontal line), ``latency.png`` (prefill latency per model) and ``report.md`` with the
 table. Nothing is typed by hand; a folder with neither file is an error.
@@ -26,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from fcot.eval.metrics import METRICS
+from fcot.train.checkpoint import read_metrics
+
+CURVES = ("loss", "kl", "ce", "agreement")
+"""The per-step series a stage may log; ``loss`` is always there, the others where the stage has them."""
 
 
 class ReportError(ValueError):
@@ -37,8 +43,9 @@ def _eval_files(run: Path) -> list[Path]:
     return [top] if top.is_file() else sorted(run.rglob("eval.json"))
 
 
-def load_run(run: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
-    """(models from the eval JSONs, {stage: [(step, loss), ...]})."""
+def load_run(run: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[tuple[int, float]]]]]:
+    """(models from the eval JSONs, {stage: {series: [(step, value), ...]}}) with series from
+    :data:`CURVES` (``loss`` in every stage)."""
     run = Path(run)
     if not run.is_dir():
         raise ReportError(f"RUN_DIR {str(run)!r} is not a folder")
@@ -48,33 +55,38 @@ def load_run(run: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, li
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise ReportError(f"{f}: expected an object with a 'models' list (written by fcot eval)")
         models += data["models"]
-    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for f in sorted(run.rglob("metrics.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            if isinstance(entry, dict) and "loss" in entry and "step" in entry:
+        for entry in read_metrics(f.parent):
+            if "loss" in entry and "step" in entry:
                 stage = str(entry.get("stage") or f.parent.name)
-                curves[stage].append((int(entry["step"]), float(entry["loss"])))
+                for key in CURVES:
+                    if key in entry:
+                        curves[stage][key].append((int(entry["step"]), float(entry[key])))
     if not models and not curves:
         raise ReportError(f"RUN_DIR {str(run)!r} holds no runs: no eval.json (fcot eval --out) and no metrics.jsonl "
                           "(training logs) below it")
-    return models, dict(curves)
+    return models, {stage: dict(series) for stage, series in curves.items()}
 
 
 def _plot_loss(curves, path: Path) -> None:
+    """One row per stage: the loss, then each logged part (KL, CE, agreement) on its own axes."""
     import matplotlib.pyplot as plt
 
     stages = list(curves)
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        steps, losses = zip(*sorted(curves[stage]))
-        ax.plot(steps, losses, marker="." if len(steps) < 30 else None)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
+    cols = max(len(series) for series in curves.values())
+    fig, axes = plt.subplots(len(stages), cols, figsize=(4 * cols, 3.2 * len(stages)), squeeze=False)
+    for row, stage in zip(axes, stages):
+        names = [k for k in CURVES if k in curves[stage]]
+        for ax, name in zip(row, names):
+            steps, values = zip(*sorted(curves[stage][name]))
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+            ax.set_title(f"{stage}: {name}")
+            ax.set_xlabel("step")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        for ax in row[len(names):]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,10 +210,11 @@ def write_report(run: str | os.PathLike, metric: str = "exact_match") -> Path:
         parts += prefill_section(json.loads(prefill_path.read_text(encoding="utf-8")))
     if curves:
         _plot_loss(curves, out / "loss.png")
-        parts += ["## Training loss", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
-        for stage, pts in curves.items():
-            pts = sorted(pts)
-            parts.append(f"| {stage} | {pts[-1][0]} | {pts[0][1]:.4f} | {pts[-1][1]:.4f} |")
+        parts += ["## Training loss", "", "| stage | series | steps | first | last |", "|---|---|---|---|---|"]
+        for stage, series in curves.items():
+            for name in (k for k in CURVES if k in series):
+                pts = sorted(series[name])
+                parts.append(f"| {stage} | {name} | {pts[-1][0]} | {pts[0][1]:.4f} | {pts[-1][1]:.4f} |")
         parts += ["", "![loss](loss.png)", ""]
     md = out / "report.md"
     md.write_text("\n".join(parts), encoding="utf-8")

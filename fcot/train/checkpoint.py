@@ -1,6 +1,6 @@
 """The run folder: its lock, the metrics JSONL, atomic checkpoints with a manifest, resume, the
 final model and the data summary. :class:`AtomicCheckpoints` is mixed into
-:class:`fcot.train.engine.FcotTrainer`.
+:class:`fcot.train.trainer.FcotTrainer`.
 
 Lock: a run holds ``.<output_dir name>.lock`` next to its folder (an ``flock`` on a file that
 names the holder: pid, host, start time, command) from :func:`check_run` to :func:`finish_run`, so

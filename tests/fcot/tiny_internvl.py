@@ -58,6 +58,7 @@ def tiny_config(image_size: int = 64, patch_size: int = 8, text_model: str = "qw
         downsample_ratio=0.5,
         projector_hidden_act="gelu",
         image_seq_length=(image_size // patch_size) ** 2 // 4,
+        tie_word_embeddings=False,  # transformers 5 reads the top-level flag (default True), not text_config's
     )
 
 
