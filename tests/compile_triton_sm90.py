@@ -496,15 +496,6 @@ ALLOW: dict[tuple[str, str], str] = {
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
     ("_fld_kernel [reverse_kl labels=int64 ce=1 ce_lse=1 mean=1 grad=0", "spill"):
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
-    ("merged_attention _bwd_dkdv_kernel [d=96", "mma.sync"):
-        "BLOCK_M = 64 (all wgmma) spills ~160 B at d = 96/128 here; mma.sync q/do dots kept until a GPU measures both",
-    ("merged_attention _bwd_dkdv_kernel [d=128", "mma.sync"):
-        "BLOCK_M = 64 (all wgmma) spills ~160 B at d = 96/128 here; mma.sync q/do dots kept until a GPU measures both",
-    # An x the launcher cannot prove 16-byte aligned (compress_project._u_align) takes the
-    # unhinted path: correct for any address and strides, 2-byte gathers (Triton 3.6).
-    ("_gemm_kernel [conv fwd unaligned-x", "scalar"): "x not 16-byte aligned (a strided/offset view): the unhinted correctness path",
-    ("_gemm_kernel [conv fwd unaligned-x", "sync-operand"): "x not 16-byte aligned (a strided/offset view): the unhinted correctness path",
-    ("_gemm_kernel [conv fwd unaligned-x", "occupancy"): "x not 16-byte aligned (a strided/offset view): the unhinted correctness path",
     # fp32 attention is the tests' exact path, not a speed target: IEEE fp32 dots run on CUDA
     # cores (no tensor-core fp32); its dK/dV, with two BLOCK_N x D fp32 accumulators next to the
     # FMA dots' operands, spills at every tile tried (16-32 x 16-32, 4-8 warps).
