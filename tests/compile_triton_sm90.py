@@ -362,10 +362,15 @@ def tome_jobs() -> list[Job]:
         t = types.SimpleNamespace(device=CUDA, dtype=dtype)  # what the helpers read of a tensor
         consts, opts = _split(TOME._match_meta(t))
         lab = f"tokens={TOME_TOKENS} C={TOME_C} {SHORT[dtype]}"
-        jobs.append(Job("tome_merge", TOME._tome_match_kernel, f"native_dot={int(consts['NATIVE_DOT'])} {lab}",
-                        dict(m_ptr=dtype, score_ptr=f32, index_ptr=i64), consts, opts, {"eps": "fp32"},
-                        dict(stride_mb=TOME_TOKENS * TOME_C, stride_mt=TOME_C, stride_mc=1, protected=0,
-                             n_a=TOME_TOKENS // 2, n_b=TOME_TOKENS // 2, C=TOME_C)))
+        rc, ro = _split(TOME._rows_meta(t))
+        jobs.append(Job("tome_merge", TOME._tome_rows_kernel, lab, dict(m_ptr=dtype, ms_ptr=dtype, inv_ptr=f32),
+                        dict(SCALE=dtype != torch.float16, **rc), ro, {"eps": "fp32"},
+                        dict(stride_mb=TOME_TOKENS * TOME_C, stride_mt=TOME_C, stride_mc=1, tokens=TOME_TOKENS,
+                             C=TOME_C)))
+        blocks = f"{consts['BLOCK_A']}x{consts['BLOCK_B']}x{consts['BLOCK_C']}"
+        jobs.append(Job("tome_merge", TOME._tome_match_kernel, f"native_dot={int(consts['NATIVE_DOT'])} {blocks} {lab}",
+                        dict(m_ptr=dtype, inv_ptr=f32, score_ptr=f32, index_ptr=i64), consts, opts, {},
+                        dict(tokens=TOME_TOKENS, protected=0, n_a=TOME_TOKENS // 2, n_b=TOME_TOKENS // 2, C=TOME_C)))
         block_c = TOME._block_c(t, TOME_C)
         opts = dict(num_warps=4 if block_c >= 512 else 1)  # as merge() / unmerge() launch it
         sizes = dict(tokens=TOME_TOKENS, tokens_out=TOME_TOKENS - TOME_R, C=TOME_C)
@@ -788,15 +793,27 @@ def table(results: list[tuple[str, dict]]) -> str:
     return "\n".join([head] + [_row(n, r) for n, r in results if "error" not in r])
 
 
+GPU_TRITON = "3.6"  # the GPU machine's Triton (../shared/GPU.md): its table has its own section
+
+
+def _markers() -> tuple[str, str]:
+    """The generated section for this Triton: the GPU machine's has its own, any other the default."""
+    if triton.__version__.startswith(GPU_TRITON + "."):
+        return (f"<!-- BEGIN GENERATED: tests/compile_triton_sm90.py --write-docs under Triton {GPU_TRITON}; do not edit by hand -->",
+                f"<!-- END GENERATED: tests/compile_triton_sm90.py under Triton {GPU_TRITON} -->")
+    return BEGIN, END
+
+
 def write_docs(text: str, check: bool) -> bool:
     """Replace the generated section of docs/kernels.md (or, with check, report whether it is current)."""
+    begin, end = _markers()
     with open(DOCS) as fh:
         doc = fh.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOCS}: the markers {BEGIN!r} / {END!r} are missing")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{text}\n{END}{tail}"
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOCS}: the markers {begin!r} / {end!r} are missing")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{text}\n{end}{tail}"
     if check:
         return new == doc
     with open(DOCS, "w") as fh:
