@@ -206,8 +206,10 @@ def _ln_bwd(op: str, label: str, geom: ShuffleGeometry, dtype, mode: int, has_mb
     programs = max(1, min(geom.rows, per_sm * H100_SMS))
     ints = dict(_ln_ints(geom), rows=geom.rows, rows_per_program=triton.cdiv(geom.rows, programs),
                 grid_hw=geom.grid_h * geom.grid_w)
-    return Job(op, SMN._merge_ln_bwd_kernel, f"{label} {flags} {SHORT[dtype]}", p,
-               dict(MODE=mode, HAS_MB=has_mb, COMPUTE_DX=dx, COMPUTE_DMW=dmw, COMPUTE_DMB=dmb, **consts), opts,
+    prefetch = " prefetch" if SMN.bwd_prefetch(geom, mode == SMN.MODE_DWCONV) else ""
+    return Job(op, SMN._merge_ln_bwd_kernel, f"{label} {flags}{prefetch} {SHORT[dtype]}", p,
+               dict(MODE=mode, HAS_MB=has_mb, COMPUTE_DX=dx, COMPUTE_DMW=dmw, COMPUTE_DMB=dmb,
+                    PREFETCH=SMN.bwd_prefetch(geom, mode == SMN.MODE_DWCONV), **consts), opts,
                ints=ints, assumed_blocks=per_sm)
 
 
