@@ -9,8 +9,9 @@ On a GPU timing uses ``triton.testing.do_bench`` (CUDA events, L2 flushed betwee
 a CPU it uses ``time.perf_counter`` and every row is labelled ``cpu``.
 
 Every row carries a ``status``: ``ok`` (timed), ``skipped`` (the provider cannot run this case,
-with the reason), ``missing`` (a peer library that is not importable: reported, never dropped) or
-``error`` (the case raised; the message is kept and ``fcot bench`` exits non-zero). Every timed
+with the reason), ``missing`` (a peer library that is not importable: reported, never dropped),
+``cut`` (the case ran past its share of the run's time and was interrupted: ``run_case``'s
+``limit``) or ``error`` (the case raised; the message is kept and ``fcot bench`` exits non-zero). Every timed
 row states its fraction of the relevant ceiling (``frac_ceiling``, by the roofline: the time the
 bytes take at the copy bandwidth or the FLOPs at the matmul rate, whichever is longer, over the
 measured time) and which ceiling that is (``bound``). Model-level cases that state neither bytes
@@ -24,7 +25,9 @@ import csv
 import json
 import os
 import platform
+import signal
 import statistics
+import threading
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,6 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Committed runs: ``bench/results/<device>/<date>-<short commit>/``."""
 
 MODES = ("forward", "backward", "full")
 """forward: the op alone; backward: the backward of a precomputed forward; full: both."""
@@ -49,6 +55,14 @@ class Skip(Exception):
 
 class Missing(Skip):
     """Raised when a peer library is not importable: the row is kept with status ``missing``."""
+
+
+class Cut(BaseException):
+    """Raised inside a case that ran past its time share (a BaseException, so that libraries'
+    ``except Exception`` blocks, torch.compile's included, do not swallow it)."""
+
+
+STATUSES = ("ok", "skipped", "missing", "cut", "error")
 
 
 @dataclass
@@ -84,7 +98,7 @@ class Row:
     bound: str = ""
     """Which ceiling ``frac_ceiling`` is relative to: ``memory`` or ``compute``."""
     status: str = "ok"
-    """ok | skipped | missing | error."""
+    """ok | skipped | missing | cut | error."""
     note: str = ""
     env: dict = field(default_factory=dict)
 
@@ -254,6 +268,85 @@ def _roofline(row: Row, case: Case, ceilings: dict) -> None:
         row.frac_ceiling = max(t_mem, t_math) / seconds
 
 
+class _time_limit:
+    """``with _time_limit(seconds):`` raises :class:`Cut` in the block once ``seconds`` pass
+    (SIGALRM: it interrupts Python code, torch.compile and the timing loops, not one long C call,
+    which is cut when it returns). No limit off the main thread or where there is no SIGALRM."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.armed = (seconds is not None and hasattr(signal, "setitimer")
+                      and threading.current_thread() is threading.main_thread())
+
+    def _fire(self, signum, frame):
+        raise Cut()
+
+    def __enter__(self):
+        if self.armed:
+            if self.seconds <= 0:
+                raise Cut()
+            self.previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+def run_case(op: str, module, shape: str, provider: str, mode: str, *, device: torch.device, dtype: torch.dtype,
+             ceilings: dict, env: dict, quick: bool = False, excluded: tuple[str, ...] = (),
+             deadline: float | None = None, limit: float | None = None, counted: dict | None = None) -> Row:
+    """Time one (shape, provider, mode) case of a benchmark module into a row. A case that cannot
+    run is a row with its reason (skipped / missing / error); ``excluded`` providers are rows that
+    say so, and so is a case that starts after ``time.monotonic()`` passed ``deadline``. A case
+    still running after ``limit`` seconds (or at the deadline, whichever comes first) is
+    interrupted: a ``cut`` row. ``counted`` caches the FLOPs counted per (shape, mode) on the
+    first provider that reaches it, for cases that state neither bytes nor FLOPs."""
+    row = Row(op, shape, provider, mode, str(dtype).replace("torch.", ""), device.type, env=env)
+    counted = {} if counted is None else counted
+    share = limit
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        share = left if share is None else min(share, left)
+    start = time.monotonic()
+    try:
+        if provider in excluded:
+            raise Skip(f"provider {provider} excluded from this run (--exclude-provider)")
+        if deadline is not None and time.monotonic() > deadline:
+            raise Skip("the run's time budget ran out before this case (--time-budget)")
+        with _time_limit(share):
+            case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
+            if not (case.bytes or case.flops):
+                if (shape, mode) not in counted:  # once per shape and mode, on its first provider
+                    counted[(shape, mode)] = _count_flops(case.fn)
+                case.flops = counted[(shape, mode)]
+            row.median_ms, row.p20_ms, row.p80_ms = time_fn(case.fn, device, quick=quick)
+            row.peak_mem_mb = peak_memory_mb(case.fn, device)
+    except Cut:
+        row.status = "cut"
+        row.note = f"cut: still running after its {share:.0f} s share of the run ({time.monotonic() - start:.0f} s)"
+        row.median_ms = row.p20_ms = row.p80_ms = row.peak_mem_mb = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+    except Missing as why:
+        row.status, row.note = "missing", f"missing: {why}"
+    except Skip as why:
+        row.status, row.note = "skipped", f"skipped: {why}"
+    except Exception as err:  # noqa: BLE001 - recorded on the row; the run goes on and fails at the end
+        row.status, row.note = "error", f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        row.median_ms = row.p20_ms = row.p80_ms = row.peak_mem_mb = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        _roofline(row, case, ceilings)
+        del case
+    return row
+
+
 def run_cases(
     op: str,
     module,
@@ -269,44 +362,20 @@ def run_cases(
     excluded: tuple[str, ...] = (),
     progress: Callable[[Row], None] | None = None,
     deadline: float | None = None,
+    limit: float | None = None,
 ) -> list[Row]:
-    """Time every (shape, provider, mode) of a benchmark module. A case that cannot run is a row
-    with its reason (skipped / missing / error), never dropped; ``excluded`` providers are rows
-    that say they were excluded, and so are the cases left when ``time.monotonic()`` passes
-    ``deadline``. ``progress`` is called with each finished row."""
+    """Every (shape, provider, mode) of a benchmark module through :func:`run_case`, in that order;
+    ``progress`` is called with each finished row (``fcot bench`` writes its files there)."""
     ceilings = ceilings or {"copy_gbps": copy_bandwidth_gbps(device), "matmul_tflops": matmul_tflops(device)}
     env = {**(env or environment(device)), **{k: round(v, 2) for k, v in ceilings.items()}}
-    rows = []
+    rows, counted = [], {}
     for shape in shapes or list(module.SHAPES):
-        counted: dict[str, float] = {}  # mode -> FLOPs counted on the shape's first provider
         for provider in providers or list(module.PROVIDERS):
             for mode in modes or list(MODES):
-                row = Row(op, shape, provider, mode, str(dtype).replace("torch.", ""), device.type, env=env)
+                row = run_case(op, module, shape, provider, mode, device=device, dtype=dtype, ceilings=ceilings,
+                               env=env, quick=quick, excluded=excluded, deadline=deadline, limit=limit,
+                               counted=counted)
                 rows.append(row)
-                try:
-                    if provider in excluded:
-                        raise Skip(f"provider {provider} excluded from this run (--exclude-provider)")
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise Skip("the run's time budget ran out before this case (--time-budget)")
-                    case = module.setup(module.SHAPES[shape], provider, mode, dtype, device)
-                    if not (case.bytes or case.flops):
-                        if mode not in counted:  # once per shape and mode, on its first provider
-                            counted[mode] = _count_flops(case.fn)
-                        case.flops = counted[mode]
-                    row.median_ms, row.p20_ms, row.p80_ms = time_fn(case.fn, device, quick=quick)
-                    row.peak_mem_mb = peak_memory_mb(case.fn, device)
-                except Missing as why:
-                    row.status, row.note = "missing", f"missing: {why}"
-                except Skip as why:
-                    row.status, row.note = "skipped", f"skipped: {why}"
-                except Exception as err:  # noqa: BLE001 - recorded on the row; the run goes on and fails at the end
-                    row.status, row.note = "error", f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-                    row.median_ms = row.p20_ms = row.p80_ms = row.peak_mem_mb = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                else:
-                    _roofline(row, case, ceilings)
-                    del case
                 if progress:
                     progress(row)
     return rows

@@ -52,3 +52,50 @@ InternLM2-1.8B), for model-level benchmarks that build whole random-weight model
 LLM_TYPES = {"InternVL2-1B": "qwen2", "InternVL2-2B": "llama"}
 """transformers model type of each LLM; InternLM2 (not in transformers) is a Llama-architecture
 decoder with fused QKV, so a Llama of the same shape stands in for it."""
+
+
+PROMPT_TEXT_TOKENS = 64
+"""Text tokens beside the image in the model-level benchmarks (one question)."""
+PATCH = 14
+"""ViT patch size in pixels (448 px tiles: a 32 x 32 grid plus the CLS token)."""
+
+
+def prefill_flops(model: str | InternVL2, tiles: int, text: int = PROMPT_TEXT_TOKENS, ratio: float | None = None,
+                  ffn: tuple[int, int] | None = None) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one prefill of ``model`` (a name of :data:`MODELS`, or
+    a spec with its ``ffn`` = (ViT MLP, LLM MLP) widths) on one image of ``tiles`` 448 px tiles and
+    ``text`` text tokens, with a fraction ``ratio`` of the visual tokens merged away before the
+    LLM (None: none), from the model tables alone:
+
+    - ``vit``: patch embedding, then per layer the QKV/output projections (8 h^2 per token) and
+      the MLP (4 h m); ``vit_attention``: attention over each tile's 1025 tokens (4 n h per token);
+    - ``projector``: the MLP projector (4 h_vit -> h -> h) on every shuffled token, counted the
+      same with and without compression (as if the compressor were free: the ideal is an upper
+      bound on the speed-up);
+    - ``llm``: per layer the projections with grouped KV heads (2 h (2 h + 2 h kv/heads)) and the
+      gated MLP (6 h m), plus the LM head on the last token only (generate's prefill);
+      ``llm_attention``: causal attention (the causal half of 4 n h per token).
+    """
+    spec = MODELS[model] if isinstance(model, str) else model
+    vit_mlp, llm_mlp = FFN_WIDTHS[spec.name] if ffn is None else ffn
+    per_tile = TILE_GRID[0] * TILE_GRID[1]
+    n_vit = per_tile + 1
+    hv = spec.vit_hidden
+    visual = tiles * per_tile // 4  # pixel shuffle at scale 0.5
+    h = spec.llm_hidden
+    n = (visual if ratio is None else round(visual * (1 - ratio))) + text
+    proj = 2 * h * (2 * h + 2 * h * spec.llm_kv_heads // spec.llm_heads)
+    return {
+        "vit": float(tiles * (spec.vit_layers * n_vit * (8 * hv * hv + 4 * hv * vit_mlp)
+                              + 2 * per_tile * 3 * PATCH * PATCH * hv)),
+        "vit_attention": float(tiles * spec.vit_layers * 4 * n_vit * n_vit * hv),
+        "projector": float(visual * (2 * spec.proj_in * h + 2 * h * h)),
+        "llm": float(spec.llm_layers * n * (proj + 6 * h * llm_mlp) + 2 * h * spec.vocab),
+        "llm_attention": float(spec.llm_layers * 2 * n * n * h),
+    }
+
+
+def ideal_prefill_speedup(model: str, tiles: int, ratio: float, text: int = PROMPT_TEXT_TOKENS) -> float:
+    """FLOPs of the unpatched prefill over those at ``ratio``: the speed-up a compressor could reach
+    if time followed FLOPs (the ViT runs in both; only the LLM's tokens shrink)."""
+    return sum(prefill_flops(model, tiles, text).values()) / sum(prefill_flops(model, tiles, text, ratio).values())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import targets as targets_mod
-from .run import RESULTS
+from .harness import RESULTS, STATUSES
 
 REPO = RESULTS.parent.parent
 DOCS = REPO / "docs" / "performance.md"
@@ -202,7 +202,10 @@ def targets_table(runs: list[Run]) -> list[str]:
                      "`bash bench/gpu_suite.sh OUT COMMIT` on a GPU, then `fcot bench report` fills them in.")
     else:
         lines.append(f"Evaluated on the newest GPU run, `{_rel(newest.path, REPO)}` ({newest.label}).")
-    lines += ["", "| issue | target | case | required | measured | met | device | commit |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "FLOP-ideal: the speed-up if time followed matmul FLOPs, computed from the model's shapes "
+              "(bench/models.py `ideal_prefill_speedup`; docs/perf-notes.md); the prefill targets are a fraction of it.",
+              "", "| issue | target | case | required | FLOP-ideal | measured | measured / ideal | met | device | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = newest.rows if newest else []
     for t in targets_mod.TARGETS:
         o = targets_mod.evaluate(t, rows)
@@ -214,8 +217,10 @@ def targets_table(runs: list[Run]) -> list[str]:
             measured = f"{100 * o.value:.1f} %" if pct else f"{o.value:.2f}x"
             measured += f" ({o.fcot_provider})"
             met = "yes" if o.met else "**no**"
-        lines.append(f"| {t.source} | {t.what} | {case} | {t.statement} | {measured} | {met} | {o.device or '-'} | "
-                     f"{o.commit or '-'} |")
+        ideal = f"{t.ideal:.2f}x" if t.ideal else "-"
+        of_ideal = f"{o.value / t.ideal:.2f}" if t.ideal and o.value is not None else "-"
+        lines.append(f"| {t.source} | {t.what} | {case} | {t.statement} | {ideal} | {measured} | {of_ideal} | {met} | "
+                     f"{o.device or '-'} | {o.commit or '-'} |")
     return lines
 
 
@@ -227,7 +232,7 @@ def provenance(run: Run) -> list[str]:
     lines += [f"| {k} | {env[k]} |" for k in keys]
     lines.append(f"| copy bandwidth (read + write), same run | {_f(env.get('copy_gbps'), '.1f')} GB/s |")
     lines.append(f"| matmul rate ({matmul}), same run | {_f(env.get('matmul_tflops'), '.2f')} TFLOP/s |")
-    counts = {s: sum(r.get("status", "ok") == s for r in run.rows) for s in ("ok", "skipped", "missing", "error")}
+    counts = {s: sum(r.get("status", "ok") == s for r in run.rows) for s in STATUSES}
     lines.append(f"| cases | {len(run.rows)}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + " |")
     return lines
 
@@ -253,9 +258,9 @@ def op_table(run: Run, op: str) -> list[str]:
             f"{_f(_ms(peer[1]), '.3f') + f' ({peer[0]})' if peer else '-'} | {vs['eager']} | {vs['compile']} | "
             f"{vs['peer']} | {ceil} | {_f(row.get('peak_mem_mb'), '.1f')} |")
     notes = sorted({f"{r['provider']}: {r['note']}" for r in run.rows
-                    if r["op"] == op and r.get("status") in ("missing", "error")})
+                    if r["op"] == op and r.get("status") in ("missing", "cut", "error")})
     if notes:
-        lines += ["", "Missing peers and errors: " + "; ".join(f"`{n}`" for n in notes) + "."]
+        lines += ["", "Missing peers, cut cases and errors: " + "; ".join(f"`{n}`" for n in notes) + "."]
     return lines
 
 

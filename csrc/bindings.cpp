@@ -57,6 +57,10 @@ fcot::ShuffleMergeNormShape smn_shape(int64_t tiles, int64_t grid_h, int64_t gri
   if (width > (int64_t{1} << 24) || grid_h * grid_w > (int64_t{1} << 24)) {
     fail("width r*r*C=", width, " or grid ", grid_h, "x", grid_w, " exceeds the kernel's int32 indexing");
   }
+  // Output rows and their offsets within a tile are divided with 32-bit multiply-shift division.
+  if (tiles > ((int64_t{1} << 31) - 1) / (grid_h * grid_w)) {
+    fail("tiles=", tiles, " x grid ", grid_h, "x", grid_w, " tokens exceed the kernel's 2^31 - 1 row limit");
+  }
   return {tiles, grid_h, grid_w, channels, r, merge, stride_t, stride_n};
 }
 

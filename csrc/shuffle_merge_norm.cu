@@ -1,6 +1,7 @@
 // Launchers for shuffle_merge_norm: pick the vector width, the vectors per thread, block size
-// and grid, and launch on the caller's stream. Validation lives in bindings.cpp.
-#include "shuffle_merge_norm.cuh"
+// and grid, and launch on the caller's stream. Validation lives in bindings.cpp. The kernel
+// instances are compiled by the smn_{fwd,bwd}_<dtype>_<vec>.cu files (shuffle_merge_norm_launch.cuh).
+#include "shuffle_merge_norm_launch.cuh"
 
 namespace fcot {
 namespace {
@@ -19,6 +20,10 @@ SmnGeom make_geom(const ShuffleMergeNormShape& s) {
   g.out_w = static_cast<int>(s.grid_w / s.r / g.mw);
   g.tokens_out = g.rows / s.tiles;
   g.width = static_cast<int>(smn_out_width(s));
+  g.div_tokens_out = make_fast_div(g.tokens_out);
+  g.div_out_w = make_fast_div(g.out_w);
+  g.div_C = make_fast_div(g.C);
+  g.div_r = make_fast_div(g.r);
   return g;
 }
 
@@ -64,47 +69,21 @@ int64_t device_max_smem_optin(int device) {
 
 namespace {
 
-// Vectors per thread (forward and backward): the fewest (1, 2, 4, ... kMaxItems) that cover the
-// row with at most 512 threads (the kernels' launch bound). The target (W = 4096 bf16) is 1
-// vector of 8 per thread, 512 threads; the 6B width 4; only the unaligned scalar path goes higher.
-constexpr int kMaxItems = 32;
-constexpr int kMaxThreads = 512;
+// Vectors per thread (forward and backward): the fewest (1, 2, 4, ... kSmnMaxItems) that cover
+// the row with at most kSmnMaxThreads threads (the kernels' launch bound). The target (W = 4096
+// bf16) is 1 vector of 8 per thread, 512 threads; the 6B width 4; only the unaligned scalar path
+// goes higher.
 int row_items(int nvec) {
   int items = 1;
-  while (items < kMaxItems && (nvec + items - 1) / items > kMaxThreads) items *= 2;
+  while (items < kSmnMaxItems && (nvec + items - 1) / items > kSmnMaxThreads) items *= 2;
   return items;
 }
 
-int row_threads(int nvec, int items) {
-  const int t = ((nvec + items - 1) / items + 31) / 32 * 32;
-  return t < 64 ? 64 : t;
-}
-
 void check_items(int nvec, int items, int width, const char* op) {
-  if ((nvec + items - 1) / items > kMaxThreads) {
+  if ((nvec + items - 1) / items > kSmnMaxThreads) {
     throw std::invalid_argument(std::string("fcot_kernels._C: ") + op + ": row width r*r*C=" + std::to_string(width) +
-                                " needs more than 512 threads x 32 vectors; use the Triton backend");
-  }
-}
-
-template <typename T, int VEC, int ITEMS>
-void launch_fwd(const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x, const float* weight,
-                const float* bias, void* out, float* mean, float* rstd, float eps) {
-  smn_fwd_kernel<T, VEC, ITEMS><<<blocks, row_threads(g.width / VEC, ITEMS), 0, st>>>(
-      static_cast<const T*>(x), weight, bias, static_cast<T*>(out), mean, rstd, g, eps);
-}
-
-template <typename T, int VEC>
-void fwd_by_items(int items, const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x,
-                  const float* weight, const float* bias, void* out, float* mean, float* rstd, float eps) {
-  switch (items) {
-    case 1: launch_fwd<T, VEC, 1>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    case 2: launch_fwd<T, VEC, 2>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    case 4: launch_fwd<T, VEC, 4>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    case 8: launch_fwd<T, VEC, 8>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    case 16: launch_fwd<T, VEC, 16>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    case 32: launch_fwd<T, VEC, 32>(g, blocks, st, x, weight, bias, out, mean, rstd, eps); break;
-    default: throw std::invalid_argument("fcot_kernels._C: smn_fwd: unsupported items per thread");
+                                " needs more than " + std::to_string(kSmnMaxThreads) + " threads x " +
+                                std::to_string(kSmnMaxItems) + " vectors; use the Triton backend");
   }
 }
 
@@ -124,40 +103,15 @@ void smn_fwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const f
     const int nvec = vec ? g.width / kVec : g.width;
     const int items = row_items(nvec);
     check_items(nvec, items, g.width, "shuffle_merge_norm_fwd");
+    const SmnFwdArgs a{x, weight, bias, out, mean, rstd, eps};
     if (vec) {
-      fwd_by_items<T, kVec>(items, g, blocks, st, x, weight, bias, out, mean, rstd, eps);
+      smn_fwd_launch<T, kVec>(items, g, blocks, st, a);
     } else {
-      fwd_by_items<T, 1>(items, g, blocks, st, x, weight, bias, out, mean, rstd, eps);
+      smn_fwd_launch<T, 1>(items, g, blocks, st, a);
     }
   });
   check_cuda(cudaGetLastError(), "launching smn_fwd_kernel");
 }
-
-namespace {
-
-template <typename T, int VEC, int ITEMS>
-void launch_bwd(const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x, const float* weight,
-                const void* dy, const float* mean, const float* rstd, void* dx, float* dwp, float* dbp) {
-  smn_bwd_kernel<T, VEC, ITEMS><<<blocks, row_threads(g.width / VEC, ITEMS), 0, st>>>(
-      static_cast<const T*>(x), weight, static_cast<const T*>(dy), mean, rstd, static_cast<T*>(dx), dwp, dbp, g);
-}
-
-template <typename T, int VEC>
-void bwd_by_items(int items, const SmnGeom& g, unsigned blocks, cudaStream_t st, const void* x,
-                  const float* weight, const void* dy, const float* mean, const float* rstd, void* dx,
-                  float* dwp, float* dbp) {
-  switch (items) {
-    case 1: launch_bwd<T, VEC, 1>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    case 2: launch_bwd<T, VEC, 2>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    case 4: launch_bwd<T, VEC, 4>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    case 8: launch_bwd<T, VEC, 8>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    case 16: launch_bwd<T, VEC, 16>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    case 32: launch_bwd<T, VEC, 32>(g, blocks, st, x, weight, dy, mean, rstd, dx, dwp, dbp); break;
-    default: throw std::invalid_argument("fcot_kernels._C: smn_bwd: unsupported items per thread");
-  }
-}
-
-}  // namespace
 
 void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const float* weight,
              const void* dy, const float* mean, const float* rstd, void* dx,
@@ -171,12 +125,11 @@ void smn_bwd(DType dtype, const ShuffleMergeNormShape& s, const void* x, const f
     const int nvec = vec ? g.width / kVec : g.width;
     const int items = row_items(nvec);
     check_items(nvec, items, g.width, "shuffle_merge_norm_bwd");
+    const SmnBwdArgs a{x, weight, dy, mean, rstd, dx, dweight_partial, dbias_partial};
     if (vec) {
-      bwd_by_items<T, kVec>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
-                            dweight_partial, dbias_partial);
+      smn_bwd_launch<T, kVec>(items, g, static_cast<unsigned>(blocks), st, a);
     } else {
-      bwd_by_items<T, 1>(items, g, static_cast<unsigned>(blocks), st, x, weight, dy, mean, rstd, dx,
-                         dweight_partial, dbias_partial);
+      smn_bwd_launch<T, 1>(items, g, static_cast<unsigned>(blocks), st, a);
     }
   });
   check_cuda(cudaGetLastError(), "launching smn_bwd_kernel");

@@ -13,26 +13,47 @@
 
 namespace fcot {
 
+// Launch configuration (the launchers and tests/compile_triton_sm90.py read these): up to
+// kSmnMaxThreads threads per block, each owning 1, 2, 4, ... kSmnMaxItems vectors of the row;
+// kSmnMinBlocks16 blocks per SM for 16-bit inputs (<= 64 registers), kSmnMinBlocks32 for fp32.
+constexpr int kSmnMaxThreads = 512;
+constexpr int kSmnMaxItems = 32;
+constexpr int kSmnMinBlocks16 = 2;
+constexpr int kSmnMinBlocks32 = 1;
+
 struct SmnGeom {
   int64_t stride_t, stride_n;  // x strides (elements)
-  int64_t rows, tokens_out;    // output rows in all, per tile
+  int64_t rows, tokens_out;    // output rows in all (< 2^31, bindings.cpp), per tile
   int grid_w, grid_hw;         // patch grid width, tokens per input tile
   int out_w;                   // merged grid width
   int C, r, mh, mw;            // channels, shuffle factor, merge window (rows, cols)
   int width;                   // r*r*C
+  // Divisors fixed per launch, as multiply-shift (no divide instructions in the kernels).
+  FastDiv div_tokens_out, div_out_w, div_C, div_r;
 };
 
-// Offset (elements) of channel c of segment k, window member (mi, mj), of output row `row`,
-// in a (tiles, grid_hw, C) tensor with the given strides.
-__device__ __forceinline__ int64_t smn_src_offset(const SmnGeom& g, int64_t row, int k, int c,
-                                                  int mi, int mj, int64_t st, int64_t sn) {
-  const int64_t t = row / g.tokens_out;
-  const int o = static_cast<int>(row - t * g.tokens_out);
-  const int i3 = o / g.out_w, j3 = o - (o / g.out_w) * g.out_w;
-  const int di = k / g.r, dj = k - (k / g.r) * g.r;
-  const int i = (i3 * g.mh + mi) * g.r + di;
-  const int j = (j3 * g.mw + mj) * g.r + dj;
-  return t * st + static_cast<int64_t>(i * g.grid_w + j) * sn + c;
+// The source offset of an element splits into a row part (tile, merged-window origin), a window
+// member part and a vector part (segment k = di*r + dj, channel c), all linear in the strides:
+//   t*st + ((i3*mh + mi)*r + di) * grid_w + (j3*mw + mj)*r + dj) * sn + c.
+// Row part, once per row: two multiply-shift divisions, no divide.
+__device__ __forceinline__ int64_t smn_row_offset(const SmnGeom& g, int64_t row, int64_t st, int64_t sn) {
+  const int rr = static_cast<int>(row);
+  const int t = fast_div(g.div_tokens_out, rr);
+  const int o = rr - t * static_cast<int>(g.tokens_out);
+  const int i3 = fast_div(g.div_out_w, o), j3 = o - i3 * g.out_w;
+  return t * st + static_cast<int64_t>(i3 * g.mh * g.r * g.grid_w + j3 * g.mw * g.r) * sn;
+}
+
+// Window member (mi, mj): a multiply-add.
+__device__ __forceinline__ int64_t smn_member_offset(const SmnGeom& g, int mi, int mj, int64_t sn) {
+  return static_cast<int64_t>((mi * g.grid_w + mj) * g.r) * sn;
+}
+
+// Vector part of flat channel cf of the output row (the same for every row).
+__device__ __forceinline__ int64_t smn_vec_offset(const SmnGeom& g, int cf, int64_t sn) {
+  const int k = fast_div(g.div_C, cf), c = cf - k * g.C;
+  const int di = fast_div(g.div_r, k), dj = k - di * g.r;
+  return static_cast<int64_t>(di * g.grid_w + dj) * sn + c;
 }
 
 // Forward: like the backward, thread t owns the vectors v = t + i * blockDim.x (i < ITEMS) of
@@ -40,7 +61,7 @@ __device__ __forceinline__ int64_t smn_src_offset(const SmnGeom& g, int64_t row,
 // the normalisation: no shared-memory row cache (whose per-element accesses at a VEC-float
 // stride were 8-way bank conflicts), only the reduction scratch.
 template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
+__global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks16 : kSmnMinBlocks32) smn_fwd_kernel(const T* __restrict__ x,         // (tiles, grid_hw, C), strided
                                                       const float* __restrict__ weight,  // (W,)
                                                       const float* __restrict__ bias,    // (W,)
                                                       T* __restrict__ out,               // (rows, W)
@@ -53,6 +74,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
   const float inv_width = 1.f / static_cast<float>(g.width);
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+    const int64_t row_off = smn_row_offset(g, row, g.stride_t, g.stride_n);
     float acc[ITEMS][VEC];
     float lmax = 0.f;
 #pragma unroll
@@ -61,11 +83,11 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
       for (int e = 0; e < VEC; ++e) acc[i][e] = 0.f;
       const int v = threadIdx.x + i * blockDim.x;
       if (v >= nvec) continue;
-      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
+      const T* src = x + row_off + smn_vec_offset(g, v * VEC, g.stride_n);
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
-          load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
+          load_f32<T, VEC>(src + smn_member_offset(g, mi, mj, g.stride_n), vals);
           // Members pre-scaled by 1/merge (a power of two: exact, same rounding as scaling the
           // sum) so that finite members of any magnitude cannot overflow the sum.
 #pragma unroll
@@ -79,7 +101,9 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
     // rows below 2, and no overflow of (x - mean)**2 for rows of any finite magnitude.
     // NaN/inf in the row reach its sums, so the whole row comes out NaN (the reference's policy).
     const float s = ln_row_scale(block_max(lmax, scratch[0]));
-    const float inv_s = 1.f / s;
+    // 1/s exactly: s = 2^e with e in [0, 126], so 1/s = 2^-e is the exponent field mirrored
+    // (no division, no slow-path call per row).
+    const float inv_s = __int_as_float(0x7f000000 - __float_as_int(s));
     float local = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -126,7 +150,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_fwd_kernel(co
 // blocks per SM for 16-bit inputs (<= 64 registers; the launcher's grid is 2 blocks per SM), one
 // for fp32 (whose 4-wide vectors need 2 per thread at W = 4096).
 template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
+__global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks16 : kSmnMinBlocks32) smn_bwd_kernel(const T* __restrict__ x,           // (tiles, grid_hw, C), strided
                                const float* __restrict__ weight,  // (W,)
                                const T* __restrict__ dy,          // (rows, W)
                                const float* __restrict__ mean,    // (rows,)
@@ -149,17 +173,19 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(co
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const float mu = mean[row], rs = rstd[row];
+    const int64_t row_off = smn_row_offset(g, row, g.stride_t, g.stride_n);
     float s_g = 0.f, s_gx = 0.f;  // sum(dy*w), sum(dy*w*xhat)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = threadIdx.x + i * blockDim.x;
       if (v >= nvec) continue;
-      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
+      const int cf = v * VEC;
+      const T* src = x + row_off + smn_vec_offset(g, cf, g.stride_n);
       float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
           float vals[VEC];
-          load_f32<T, VEC>(x + smn_src_offset(g, row, k, c, mi, mj, g.stride_t, g.stride_n), vals);
+          load_f32<T, VEC>(src + smn_member_offset(g, mi, mj, g.stride_n), vals);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) acc[e] += vals[e] * inv_merge;  // as the forward
         }
@@ -181,11 +207,13 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(co
     if (dx == nullptr) continue;  // uniform across the block: no reduction is skipped unevenly
     s_g = block_sum(s_g, scratch[0]) * inv_width;
     s_gx = block_sum(s_gx, scratch[1]) * inv_width;
+    const int64_t dx_row = smn_row_offset(g, row, dx_st, g.C);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = threadIdx.x + i * blockDim.x;
       if (v >= nvec) continue;
-      const int cf = v * VEC, k = cf / g.C, c = cf - k * g.C;
+      const int cf = v * VEC;
+      T* dst = dx + dx_row + smn_vec_offset(g, cf, g.C);
       float d[VEC], w[VEC], dz[VEC];
       load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
       load_f32<float, VEC>(weight + cf, w);
@@ -193,7 +221,7 @@ __global__ void __launch_bounds__(512, sizeof(T) == 2 ? 2 : 1) smn_bwd_kernel(co
       for (int e = 0; e < VEC; ++e) dz[e] = rs * (d[e] * w[e] - s_g - xhat[i][e] * s_gx) * inv_merge;
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
-          store_f32<T, VEC>(dx + smn_src_offset(g, row, k, c, mi, mj, dx_st, g.C), dz);
+          store_f32<T, VEC>(dst + smn_member_offset(g, mi, mj, g.C), dz);
         }
       }
     }

@@ -247,18 +247,18 @@ def _add_merge(sub) -> None:
 
 
 def _bench_main(argv: list[str]) -> int:
-    """``fcot bench ...`` is ``bench.run`` (the benchmark suite lives in the source checkout's bench/)."""
-    try:
-        from bench import run as bench_run
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "bench" / "run.py").is_file():
-            print("fcot bench: the benchmarks live in the repository's bench/ folder, which this install does not "
-                  "include; run it from a source checkout (pip install -e .)", file=sys.stderr)
-            return 2
-        sys.path.insert(0, str(root))
-        from bench import run as bench_run
-    return bench_run.main(argv)
+    """``fcot bench ...`` runs ``python -m bench ...`` from the source checkout: the benchmarks live
+    in the repository's bench/ folder, which imports fcot (never the other way round)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "run.py").is_file():
+        print("fcot bench: the benchmarks live in the repository's bench/ folder, which this install does not "
+              "include; run it from a source checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    return subprocess.call([sys.executable, "-m", "bench", *argv], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

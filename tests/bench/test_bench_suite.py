@@ -43,7 +43,7 @@ def test_quick_run_rows_carry_provenance_ceilings_and_statuses(quick_run):
             assert env.get(key) not in (None, ""), (key, env)
         assert env["device_name"].startswith("cpu") and r["device"] == "cpu"
         assert env["copy_gbps"] > 0 and env["matmul_tflops"] > 0
-        assert r["status"] in ("ok", "skipped", "missing", "error")
+        assert r["status"] in harness.STATUSES
         assert r["status"] != "error", r
         if r["status"] == "ok":
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
@@ -92,15 +92,40 @@ def test_committed_performance_doc_is_generated_from_committed_runs():
     assert report.main(["--check"]) == 0, "docs/performance.md is stale: run `fcot bench report`"
 
 
-def test_cli_dispatches_bench_and_report(capsys):
+def test_cli_runs_bench_as_a_module_without_importing_it(capfd):
+    """``fcot bench`` is a thin entry: it runs ``python -m bench`` (bench imports fcot, never the
+    other way round)."""
+    import subprocess
+
     from fcot import cli
 
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "report", "--help"])
-    assert e.value.code == 0 and "docs/performance.md" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--help"])
-    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+    assert cli.main(["bench", "report", "--help"]) == 0
+    assert "docs/performance.md" in capfd.readouterr().out
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--quick" in capfd.readouterr().out
+    code = ("import sys, fcot.cli, fcot; print(sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bench_modules_import_downward_only():
+    """No circles: report and run do not import each other both ways; harness imports no bench module."""
+    import ast
+
+    root = Path(run.__file__).parent
+    imports = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        imports[path.stem] = names
+    assert imports["harness"] <= {None}, imports["harness"]
+    for a, deps in imports.items():
+        for b in deps:
+            assert a not in imports.get(b, set()), f"bench.{a} and bench.{b} import each other"
+    assert "run" not in imports["report"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -1,0 +1,7 @@
+// shuffle_merge_norm forward, __half, 16-byte vectors: the 6 vectors-per-thread instances.
+#define FCOT_SMN_DEFINE_LAUNCH
+#include "shuffle_merge_norm_launch.cuh"
+
+namespace fcot {
+FCOT_SMN_INSTANTIATE_FWD(__half, 8)
+}  // namespace fcot
