@@ -665,36 +665,128 @@ CSRC = os.path.join(ROOT, "csrc")
 TARGET_W = 4096  # shuffle_merge_norm's target: C = 1024, r = 2 -> W = 4096 (bf16: 512 vectors of 8)
 
 
-def _cuda_launch(name: str, mangled: str) -> tuple[int, int, int, str] | None:
+class CsrcParseError(RuntimeError):
+    """A launch constant the gate needs is not where (or how) csrc/ used to write it."""
+
+
+def _csrc_sources() -> list[tuple[str, str]]:
+    """(file name, text) of csrc/'s headers first (*.cuh, *.h), then its .cu files: constants
+    and launch bounds are read wherever they live, so moving them between files (as the split
+    of shuffle_merge_norm.cu into small TUs did) needs no change here."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(CSRC, "*.cuh"))) + sorted(glob.glob(os.path.join(CSRC, "*.h")))
+    files += sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    out = []
+    for path in files:
+        with open(path) as fh:
+            out.append((os.path.basename(path), re.sub(r"//[^\n]*", "", fh.read())))  # comments dropped
+    return out
+
+
+def _c_expr(expr: str, consts: dict, elem: int) -> int:
+    """Value of a small C integer expression from a launch bound or helper: integer literals,
+    the constants of csrc/, ``sizeof(T)`` (= elem) and one ``cond ? a : b``."""
+    expr = expr.strip()
+    m = re.fullmatch(r"(.+?)\?(.+?):(.+)", expr)
+    if m:
+        return _c_expr(m.group(2), consts, elem) if _c_expr(m.group(1), consts, elem) else _c_expr(m.group(3), consts, elem)
+    py = re.sub(r"sizeof\s*\(\s*T\s*\)", str(elem), expr)
+    for name in sorted(set(re.findall(r"\b[A-Za-z_]\w*\b", py)), key=len, reverse=True):
+        if name not in consts:
+            raise CsrcParseError(f"csrc/: {name!r} in {expr!r} is not an integer constexpr of csrc/")
+        py = re.sub(rf"\b{name}\b", str(consts[name]), py)
+    if not re.fullmatch(r"[\d\s()+\-*/<>=!&|]+", py):
+        raise CsrcParseError(f"csrc/: cannot evaluate {expr!r}")
+    return int(eval(py.replace("/", "//").replace("&&", " and ").replace("||", " or ")))  # noqa: S307 (digits and operators only)
+
+
+def csrc_launch_config() -> dict:
+    """The CUDA launch configuration of csrc/, parsed from its sources (not a hand-kept copy):
+
+    * ``constexpr int kName = N;`` constants (any file; headers first);
+    * each kernel's ``__launch_bounds__(threads[, min blocks])``, evaluated per element size;
+    * the thread-count helpers' clamps: shuffle_merge_norm's row threads (``t < MIN ? MIN : t``)
+      and the ToMe merge's (``t < LO ? LO : (t > HI ? HI : t)``).
+
+    Raises CsrcParseError naming what is missing, so a refactor that moves or renames one fails
+    the gate loudly instead of checking the kernels at a stale configuration."""
+    sources = _csrc_sources()
+    text = "\n".join(t for _, t in sources)
+    consts = {k: int(v) for k, v in re.findall(r"constexpr\s+(?:int|int64_t|unsigned)\s+(k\w+)\s*=\s*(\d+)\s*;", text)}
+
+    def const(*names: str) -> int:
+        for n in names:
+            if n in consts:
+                return consts[n]
+        raise CsrcParseError(f"csrc/: none of the constants {names} is defined (constexpr int kName = N;)")
+
+    def bounds(kernel: str, elem: int) -> tuple[int, int]:
+        m = re.search(rf"__launch_bounds__\s*\(((?:[^()]|\([^()]*\))*)\)\s*{kernel}\s*\(", text)
+        if not m:
+            raise CsrcParseError(f"csrc/: no __launch_bounds__(...) {kernel}( found")
+        parts = [p for p in re.split(r",(?![^()]*\))", m.group(1))]
+        threads = _c_expr(parts[0], consts, elem)
+        return threads, (_c_expr(parts[1], consts, elem) if len(parts) > 1 else 1)
+
+    def helper(name: str) -> str:
+        m = re.search(rf"\b{name}\s*\([^)]*\)\s*\{{(.*?)\n\}}", text, re.S)
+        if not m:
+            raise CsrcParseError(f"csrc/: helper {name}(...) not found")
+        return m.group(1)
+
+    row = helper(r"(?:smn_)?row_threads")
+    m_row = re.search(r"t\s*<\s*(\d+)\s*\?\s*(\d+)\s*:\s*t", row)
+    merge = helper("merge_threads")
+    m_merge = re.search(r"t\s*<\s*(\d+)\s*\?\s*(\d+)\s*:\s*\(\s*t\s*>\s*(\d+)\s*\?\s*(\d+)\s*:\s*t\s*\)", merge)
+    if not m_row or not m_merge:
+        raise CsrcParseError("csrc/: the row_threads / merge_threads clamps are not in the form this parser reads")
+    return dict(
+        smn_max_threads=const("kSmnMaxThreads", "kMaxThreads"),
+        smn_max_items=const("kSmnMaxItems", "kMaxItems"),
+        smn_min_threads=int(m_row.group(2)),
+        smn_fwd_bounds={e: bounds("smn_fwd_kernel", e) for e in (2, 4)},
+        smn_bwd_bounds={e: bounds("smn_bwd_kernel", e) for e in (2, 4)},
+        tome_match_threads=bounds("tome_match_kernel", 2)[0],
+        merge_threads=(int(m_merge.group(2)), int(m_merge.group(4))),
+    )
+
+
+def _cuda_launch(name: str, mangled: str, cfg: dict) -> tuple[int, int, int, str] | None:
     """(threads per block, dynamic shared bytes, blocks per SM the launcher assumes, label) at the
-    target shapes, as the csrc launchers compute them; None for instantiations the target never
-    launches (the scalar fallbacks, taken only for misaligned inputs)."""
+    target shapes, computed as the csrc launchers compute them from ``cfg`` (csrc_launch_config);
+    None for instantiations the target never launches (the scalar fallbacks, taken only for
+    misaligned inputs, and the row-width instances of other widths)."""
     vec = re.search(r"Li(\d+)E", mangled)
     vec = int(vec.group(1)) if vec else 0
+    elem = 2 if ("bfloat16" in name or "__half" in name) else 4
     if name.startswith("void fcot::smn_"):
         if vec == 1:
             return None
         nvec = TARGET_W // vec
         items = int(re.search(r"Li\d+ELi(\d+)E", mangled).group(1))
-        # Register-resident rows: ITEMS vectors per thread (csrc row_items), static scratch only.
+        # csrc row_items: the fewest vectors per thread that cover the row within the launch bound.
         want = 1
-        while want < 32 and -(-nvec // want) > 512:
+        while want < cfg["smn_max_items"] and -(-nvec // want) > cfg["smn_max_threads"]:
             want *= 2
         if items != want:
             return None  # an instantiation for other widths
-        threads = max(64, -(-(-(-nvec // items)) // 32) * 32)
-        if "smn_fwd" in name:
-            return threads, 0, 1, f"W={TARGET_W} items={items}"
-        per_sm = 2 if vec == 8 else 1  # csrc launch bounds / cuda/shuffle_merge_norm.py's grid
+        threads = max(cfg["smn_min_threads"], -(-(-(-nvec // items)) // 32) * 32)
+        # The launch bound's minimum blocks per SM: what the backward grid (cuda/shuffle_merge_norm.py)
+        # is sized for; the forward's grid is one block per row, so it assumes nothing.
+        per_sm = cfg["smn_bwd_bounds"][elem][1] if "smn_bwd" in name else 1
         return threads, 0, per_sm, f"W={TARGET_W} items={items}"
     if "tome_match" in name:
-        return 256, 0, 1, "tokens=1024 C=1024"
+        return cfg["tome_match_threads"], 0, 1, "tokens=1024 C=1024"
     if "tome_merge" in name or "tome_unmerge" in name:
-        return None if vec == 1 else (128, 0, 1, "C=1024")  # <T, 1>: the unaligned fallback
+        if vec == 1:
+            return None  # <T, 1>: the unaligned fallback
+        lo, hi = cfg["merge_threads"]
+        return min(hi, max(lo, -(-(1024 // vec) // 32) * 32)), 0, 1, "C=1024"
     return 0, 0, 1, ""
 
 
-def _sm90_cubins(tmp: str) -> tuple[list[str], str]:
+def _sm90_cubins(tmp: str, jobs: int) -> tuple[list[str], str]:
     """sm_90 cubins of csrc/: from the built extension when it holds them, else compiled with nvcc."""
     import glob
 
@@ -708,25 +800,35 @@ def _sm90_cubins(tmp: str) -> tuple[list[str], str]:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.path.exists(nvcc):
         return [], "no built extension with sm_90 code and no nvcc"
-    out = []
-    for cu in sorted(glob.glob(os.path.join(CSRC, "*.cu"))):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(cu: str) -> str:
+        # The flags CMakeLists.txt gives the extension's CUDA sources.
         dst = os.path.join(tmp, os.path.basename(cu).replace(".cu", ".sm_90.cubin"))
-        subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", "-arch=sm_90", "-lineinfo", "-o", dst, cu], check=True,
-                       capture_output=True)
-        out.append(dst)
+        subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", "-arch=sm_90", "--expt-relaxed-constexpr", "-lineinfo",
+                        "-Xptxas=-O3", "-o", dst, cu], check=True, capture_output=True)
+        return dst
+
+    # One TU per core (csrc/ is split into small TUs so that this parallelises).
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        out = list(pool.map(build, sorted(glob.glob(os.path.join(CSRC, "*.cu")))))
     return out, "nvcc -cubin -arch=sm_90"
 
 
 _SASS_GLOBAL = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
 
 
-def cuda_results() -> tuple[list[tuple[str, dict]], str]:
+def cuda_results(jobs: int = 1) -> tuple[list[tuple[str, dict]], str]:
     """One (name, result) per CUDA kernel instantiation of csrc/, read from its sm_90 SASS."""
     cuobjdump = os.path.join(BIN, "cuobjdump")
     results = []
+    try:
+        cfg = csrc_launch_config()
+    except CsrcParseError as err:
+        return [("csrc launch configuration", dict(error=str(err)))], "csrc/ sources"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            cubins, source = _sm90_cubins(tmp)
+            cubins, source = _sm90_cubins(tmp, jobs)
         except subprocess.CalledProcessError as err:
             return [("csrc", dict(error=f"nvcc failed: {err.stderr.decode()[-400:] if err.stderr else err}"))], "nvcc"
         for cubin in cubins:
@@ -736,7 +838,7 @@ def cuda_results() -> tuple[list[tuple[str, dict]], str]:
             for mangled, reg, stack, shared, local in re.findall(
                     r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage):
                 name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() or mangled
-                launch = _cuda_launch(name, mangled)
+                launch = _cuda_launch(name, mangled, cfg)
                 if launch is None:
                     continue
                 threads, dyn, assumed, label = launch
@@ -846,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     named = [(name, res) for _, name, res in results]
     source = "skipped (--no-cuda)"
     if not args.no_cuda:
-        cuda, source = cuda_results()
+        cuda, source = cuda_results(args.jobs)
         named += cuda
     failed = ruled = 0
     for name, res in named:

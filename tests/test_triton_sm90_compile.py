@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,45 @@ def test_every_triton_kernel_compiles_for_sm90_under_the_gpu_machines_triton():
     assert tools, f"{folder}: Triton {version} has no bundled ptxas/cuobjdump"
     # The CUDA C++ part does not depend on Triton: checked once, by the test above.
     _gate(env, version, cuda=False)
+
+
+_PARSE = """
+import json, runpy, sys
+gate = runpy.run_path(sys.argv[1], run_name="gate")
+parse = gate["csrc_launch_config"]
+for folder in sys.argv[2:]:
+    parse.__globals__["CSRC"] = folder
+    try:
+        print(json.dumps(parse()))
+    except gate["CsrcParseError"] as err:
+        print("ERROR", err)
+"""
+
+
+def test_the_gate_reads_the_cuda_launch_configuration_from_csrc(tmp_path):
+    import json
+
+    # Copies of csrc/ with one header changed, and with a launch bound the parser cannot read.
+    changed, broken = tmp_path / "changed", tmp_path / "broken"
+    for folder in (changed, broken):
+        folder.mkdir()
+        for f in (ROOT / "csrc").iterdir():
+            (folder / f.name).write_text(f.read_text())
+    header = next(p for p in changed.glob("*.cuh") if "kTomeThreads = 256" in p.read_text())
+    header.write_text(header.read_text().replace("kTomeThreads = 256", "kTomeThreads = 128"))
+    for p in broken.iterdir():
+        p.write_text(re.sub(r"__launch_bounds__(\([^\n]*\)\s*smn_bwd_kernel)", r"__nothing__\1", p.read_text()))
+    done = subprocess.run([sys.executable, "-c", _PARSE, str(SCRIPT), str(ROOT / "csrc"), str(changed), str(broken)],
+                          capture_output=True, text=True, env=_env(ROOT), timeout=300)
+    assert done.returncode == 0, done.stderr
+    now, after_change, after_break = done.stdout.strip().splitlines()
+    cfg = json.loads(now)
+    # What csrc/ declares today (shuffle_merge_norm.cuh's launch bounds, tome_match.cuh's threads,
+    # the row/merge thread clamps); the gate computes each kernel's launch from these.
+    assert cfg["smn_max_threads"] == 512 and cfg["smn_max_items"] == 32 and cfg["smn_min_threads"] == 64
+    assert cfg["smn_bwd_bounds"] == {"2": [512, 2], "4": [512, 1]}
+    assert cfg["tome_match_threads"] == 256 and cfg["merge_threads"] == [128, 512]
+    # A changed header changes what the gate assumes (not a hand-kept copy), and one the parser
+    # cannot read fails loudly, naming what is missing.
+    assert json.loads(after_change)["tome_match_threads"] == 128
+    assert after_break.startswith("ERROR") and "smn_bwd_kernel" in after_break, after_break
