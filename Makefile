@@ -28,7 +28,7 @@ build/.installed: $(VENV)/.deps $(SOURCES)
 
 # The GPU machine's Triton (../shared/GPU.md), side by side in an ignored folder, for the
 # compiled-code gate (tests/test_triton_sm90_compile.py runs it under both Tritons). Installed
-# once (again only when the Makefile changes, like the venv): one ~150 MB wheel.
+# once (again only when the Makefile changes, like the venv): one wheel, ~640 MB unpacked.
 GPU_TRITON := 3.6
 triton-gpu: $(VENV)/triton-gpu/.installed
 $(VENV)/triton-gpu/.installed: $(VENV)/.deps
