@@ -23,7 +23,7 @@
 #              timed during this phase.
 #   bench-cuda the CUDA extension's benchmark cases (python -m bench --merge: rows added to the
 #              same bench.json), whether or not the build succeeded (rows then say why)
-#   tests-cuda the curated cuda-backend tests and the extension's own tests
+#   tests-cuda which backends the build gave, then the curated cuda-backend and extension tests
 #   memcheck / racecheck   compute-sanitizer on the tiny cuda cases (skipped if the build failed)
 #
 # Worst case, stage by stage (seconds; each stage is under `timeout` with a KILL s grace, and
@@ -36,8 +36,10 @@
 # (each stage's seconds and exit status, appended as it ends), build.log, tests.log,
 # sanitizer.log, bench.log, bench.csv, bench.json. Copy them to
 # bench/results/<device>/<date>-<short commit>/, commit them as produced and run
-# `python -m bench report` (plots + docs/performance.md). Exit status: 0 when every stage
-# exited 0 (cut benchmark cases are rows, not failures), else 1.
+# `python -m bench report` (plots + docs/performance.md) and `python -m bench dispatch DIR` (the
+# measured backend order into fcot_kernels/dispatch_table.json, which the run itself does not
+# touch: only OUTDIR comes back). Exit status: 0 when every stage exited 0 (cut benchmark cases
+# are rows, not failures), else 1.
 #
 # Environment: PYTHON (default python3); FCOT_BENCH_SHAPES=target|all (default target);
 # FCOT_REHEARSE_BUILD=ok|fail|timeout and FCOT_REHEARSE_SLOW_TEST=1 choose what --rehearse simulates.
@@ -68,7 +70,8 @@ WORST=$(( B_SETUP + B_BENCH + (B_BUILD > B_TESTS ? B_BUILD : B_TESTS) + B_BENCH_
           + B_RACECHECK + 7 * KILL + 6 ))
 if [ $WORST -gt 420 ]; then echo "gpu_suite.sh: stage budgets add up to ${WORST}s > 420s (7 min)" >&2; exit 2; fi
 if [ $REHEARSE = 1 ]; then
-  B_SETUP=30 B_BENCH=60 B_BUILD=3 B_TESTS=60 B_BENCH_CUDA=30 B_TESTS_CUDA=30 B_MEMCHECK=30 B_RACECHECK=30
+  # What is simulated to hang gets 3 s; stages doing real work get room for a loaded CI machine.
+  B_SETUP=120 B_BENCH=120 B_BUILD=3 B_TESTS=120 B_BENCH_CUDA=120 B_TESTS_CUDA=120 B_MEMCHECK=120 B_RACECHECK=120
   BENCH_CASE=3 BENCH_CUDA_CASE=3 TEST_TIMEOUT=3
 fi
 
@@ -137,11 +140,17 @@ tests_cmd() {
       prefix=(compute-sanitizer --tool "$SANITIZER" --error-exitcode 9)
     fi
   fi
-  "${prefix[@]}" $PY -m pytest "${args[@]}" "$@"
+  ${prefix[@]+"${prefix[@]}"} $PY -m pytest "${args[@]}" "$@"
+}
+
+# The cuda part starts by saying which backends this build gave (e.g. why the extension is missing).
+tests_cuda_cmd() {
+  $PY -c "import fcot_kernels as fk; [print('backend', n, s.available, s.reason) for n, s in fk.backends().items()]"
+  tests_cmd cuda "$@"
 }
 
 export REHEARSE PY COMMIT TEST_TIMEOUT
-export -f setup_cmd build_cmd tests_cmd have
+export -f setup_cmd build_cmd tests_cmd tests_cuda_cmd have
 
 TEST_PATHS=(tests/fcot_kernels)
 if [ $REHEARSE = 1 ]; then
@@ -184,11 +193,10 @@ stage tests $B_TESTS "$OUT/tests.log" tests_cmd kernels 6 "${TEST_PATHS[@]}" || 
 wait $build_pid
 build_rc=$?
 [ $build_rc -ne 0 ] && status=1
-$PY -c "import fcot_kernels as fk; [print(n, s.available, s.reason) for n, s in fk.backends().items()]" >> "$OUT/system.txt" 2>&1
 
 stage bench-cuda $B_BENCH_CUDA "$OUT/bench.log" $PY -m bench "${BENCH_ARGS[@]}" --no-progress --dispatch-table none \
   --provider cuda --merge --time-budget $((B_BENCH_CUDA - 10)) --case-timeout $BENCH_CUDA_CASE --out "$OUT" || status=1
-stage tests-cuda $B_TESTS_CUDA "$OUT/tests.log" tests_cmd cuda 4 "${TEST_PATHS[@]}" || status=1
+stage tests-cuda $B_TESTS_CUDA "$OUT/tests.log" tests_cuda_cmd 4 "${TEST_PATHS[@]}" || status=1
 
 if [ $build_rc -eq 0 ]; then
   # Tiny cases only: memcheck for every CUDA kernel, racecheck for those with shared memory.

@@ -327,7 +327,7 @@ def run_case(op: str, module, shape: str, provider: str, mode: str, *, device: t
             row.peak_mem_mb = peak_memory_mb(case.fn, device)
     except Cut:
         row.status = "cut"
-        row.note = f"cut: still running after its {share:.0f} s share of the run ({time.monotonic() - start:.0f} s)"
+        row.note = f"cut: still running after its {share:.3g} s share of the run ({time.monotonic() - start:.0f} s)"
         row.median_ms = row.p20_ms = row.p80_ms = row.peak_mem_mb = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)

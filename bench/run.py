@@ -68,8 +68,9 @@ def default_out(env: dict) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Subcommand: python -m bench report [DIR ...] renders the plots and docs/performance.md "
-               "(python -m bench report --help). `fcot bench ...` runs the same commands.")
+        epilog="Subcommands: python -m bench report [DIR ...] renders the plots and docs/performance.md "
+               "(python -m bench report --help); python -m bench dispatch DIR folds a GPU run's backend timings "
+               "into fcot_kernels/dispatch_table.json. `fcot bench ...` runs the same commands.")
     p.add_argument("--op", action="append", choices=list(OPS), help="op to benchmark (repeatable; default all, in this order)")
     p.add_argument("--quick", action="store_true", help="smoke run: CPU shapes, fewer timed runs, compile-max excluded")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<device>/<date>-<short commit>/)")
@@ -230,9 +231,32 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fold_dispatch(argv: list[str]) -> int:
+    """``python -m bench dispatch DIR [--table PATH]``: fold the GPU backend timings of a run folder
+    (its bench.json, e.g. what bench/gpu_suite.sh brought back) into the dispatch table."""
+    from fcot_kernels import dispatch
+
+    p = argparse.ArgumentParser(prog="python -m bench dispatch", description=fold_dispatch.__doc__)
+    p.add_argument("run_dir", type=Path, help="a folder with the bench.json of a GPU run")
+    p.add_argument("--table", type=Path, default=dispatch.TABLE_PATH, help="the table to update (default: the package's)")
+    args = p.parse_args(argv)
+    rows = json.loads((args.run_dir / "bench.json").read_text()) if (args.run_dir / "bench.json").is_file() else None
+    if not rows:
+        raise SystemExit(f"python -m bench dispatch: {args.run_dir} has no benchmark rows (bench.json)")
+    if not any(r.get("device") == "cuda" for r in rows):
+        raise SystemExit(f"python -m bench dispatch: {args.run_dir} is not a GPU run: CPU timings do not order backends")
+    old = json.loads(args.table.read_text()) if args.table.exists() else {}
+    args.table.write_text(json.dumps(dispatch.measured_table(rows, old), indent=1, sort_keys=True) + "\n")
+    print(f"wrote the measured backend order of {args.run_dir} into {args.table}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench [options]`` runs the benchmarks; ``python -m bench report ...`` the report."""
+    """``python -m bench [options]`` runs the benchmarks; ``python -m bench report ...`` the report;
+    ``python -m bench dispatch DIR`` folds a GPU run's backend timings into the dispatch table."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dispatch"]:
+        return fold_dispatch(argv[1:])
     if argv[:1] == ["report"]:
         from . import report
 

@@ -119,9 +119,8 @@ __device__ __forceinline__ float ln_row_scale(float a) {
 // Division by a divisor fixed at launch without the ~20-instruction integer divide sequence
 // (32-bit) or the division subroutine (64-bit): q = (umulhi(n, mul) + n) >> shift, with mul and
 // shift computed once on the host (Granlund & Montgomery's round-up method). Exact for every
-// 0 <= n < 2^31 and 1 <= d < 2^31 (checked on the host against `/` for every d <= 70,000 and
-// 200,000 random larger ones: docs/perf-notes.md); callers keep dividends below 2^31
-// (bindings.cpp checks the sizes).
+// 0 <= n < 2^31 and 1 <= d < 2^31 (tests/csrc/test_fast_div.py checks it against `/`); callers
+// keep dividends below 2^31 (bindings.cpp checks the sizes).
 struct FastDiv {
   uint32_t d = 1, mul = 0, shift = 0;
 };
@@ -137,10 +136,16 @@ inline FastDiv make_fast_div(int64_t d) {
   return f;
 }
 
-// n / f.d for 0 <= n < 2^31: one IMAD.HI, one add, one shift.
-__device__ __forceinline__ int fast_div(const FastDiv& f, int n) {
+// n / f.d for 0 <= n < 2^31: one IMAD.HI, one add, one shift on the device (the host version,
+// the same arithmetic, is what tests/csrc/test_fast_div.py checks against `/`).
+__host__ __device__ __forceinline__ int fast_div(const FastDiv& f, int n) {
   const uint32_t u = static_cast<uint32_t>(n);
-  return static_cast<int>((__umulhi(u, f.mul) + u) >> f.shift);
+#ifdef __CUDA_ARCH__
+  const uint32_t hi = __umulhi(u, f.mul);
+#else
+  const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(u) * f.mul) >> 32);
+#endif
+  return static_cast<int>((hi + u) >> f.shift);
 }
 
 inline void check_cuda(cudaError_t err, const char* what) {

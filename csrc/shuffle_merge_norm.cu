@@ -24,6 +24,8 @@ SmnGeom make_geom(const ShuffleMergeNormShape& s) {
   g.div_out_w = make_fast_div(g.out_w);
   g.div_C = make_fast_div(g.C);
   g.div_r = make_fast_div(g.r);
+  g.inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
+  g.inv_width = 1.f / static_cast<float>(g.width);
   return g;
 }
 

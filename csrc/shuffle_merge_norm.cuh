@@ -13,10 +13,11 @@
 
 namespace fcot {
 
-// Launch configuration (the launchers and tests/compile_triton_sm90.py read these): up to
-// kSmnMaxThreads threads per block, each owning 1, 2, 4, ... kSmnMaxItems vectors of the row;
+// Launch configuration (the launchers and tests/compile_triton_sm90.py read these): whole warps,
+// kSmnMinThreads to kSmnMaxThreads threads per block, each owning 1, 2, 4, ... kSmnMaxItems vectors of the row;
 // kSmnMinBlocks16 blocks per SM for 16-bit inputs (<= 64 registers), kSmnMinBlocks32 for fp32.
 constexpr int kSmnMaxThreads = 512;
+constexpr int kSmnMinThreads = 64;
 constexpr int kSmnMaxItems = 32;
 constexpr int kSmnMinBlocks16 = 2;
 constexpr int kSmnMinBlocks32 = 1;
@@ -28,20 +29,32 @@ struct SmnGeom {
   int out_w;                   // merged grid width
   int C, r, mh, mw;            // channels, shuffle factor, merge window (rows, cols)
   int width;                   // r*r*C
-  // Divisors fixed per launch, as multiply-shift (no divide instructions in the kernels).
+  // Divisors fixed per launch, as multiply-shift (no divide instructions in the kernels), and
+  // the two reciprocals, rounded on the host as `1.f / x` rounds on the device: read from the
+  // constant bank, they take no register (the 16-bit backward is at its 64-register bound).
   FastDiv div_tokens_out, div_out_w, div_C, div_r;
+  float inv_merge, inv_width;      // 1 / (mh*mw), 1 / width
 };
 
 // The source offset of an element splits into a row part (tile, merged-window origin), a window
 // member part and a vector part (segment k = di*r + dj, channel c), all linear in the strides:
 //   t*st + ((i3*mh + mi)*r + di) * grid_w + (j3*mw + mj)*r + dj) * sn + c.
-// Row part, once per row: two multiply-shift divisions, no divide.
-__device__ __forceinline__ int64_t smn_row_offset(const SmnGeom& g, int64_t row, int64_t st, int64_t sn) {
+// Row part, once per row: two multiply-shift divisions, no divide. Kept as two ints (tile, patch
+// index of the window origin) so that x's and dx's row offsets cost no extra 64-bit registers.
+struct SmnRowPos {
+  int t, origin;
+};
+
+__device__ __forceinline__ SmnRowPos smn_row_pos(const SmnGeom& g, int64_t row) {
   const int rr = static_cast<int>(row);
   const int t = fast_div(g.div_tokens_out, rr);
   const int o = rr - t * static_cast<int>(g.tokens_out);
   const int i3 = fast_div(g.div_out_w, o), j3 = o - i3 * g.out_w;
-  return t * st + static_cast<int64_t>(i3 * g.mh * g.r * g.grid_w + j3 * g.mw * g.r) * sn;
+  return {t, i3 * g.mh * g.r * g.grid_w + j3 * g.mw * g.r};
+}
+
+__device__ __forceinline__ int64_t smn_row_offset(SmnRowPos p, int64_t st, int64_t sn) {
+  return p.t * st + p.origin * sn;
 }
 
 // Window member (mi, mj): a multiply-add.
@@ -70,11 +83,10 @@ __global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks
                                                       SmnGeom g, float eps) {
   __shared__ float scratch[2][32];
   const int nvec = g.width / VEC;
-  const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
-  const float inv_width = 1.f / static_cast<float>(g.width);
+  const float inv_merge = g.inv_merge, inv_width = g.inv_width;
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
-    const int64_t row_off = smn_row_offset(g, row, g.stride_t, g.stride_n);
+    const int64_t row_off = smn_row_offset(smn_row_pos(g, row), g.stride_t, g.stride_n);
     float acc[ITEMS][VEC];
     float lmax = 0.f;
 #pragma unroll
@@ -161,8 +173,7 @@ __global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks
                                SmnGeom g) {
   __shared__ float scratch[2][32];  // two reduction buffers: the row's two sums back to back
   const int nvec = g.width / VEC;
-  const float inv_merge = 1.f / static_cast<float>(g.mh * g.mw);
-  const float inv_width = 1.f / static_cast<float>(g.width);
+  const float inv_merge = g.inv_merge, inv_width = g.inv_width;
   const int64_t dx_st = static_cast<int64_t>(g.grid_hw) * g.C;
   float xhat[ITEMS][VEC], dw_acc[ITEMS][VEC], db_acc[ITEMS][VEC];
 #pragma unroll
@@ -173,14 +184,14 @@ __global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks
 
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const float mu = mean[row], rs = rstd[row];
-    const int64_t row_off = smn_row_offset(g, row, g.stride_t, g.stride_n);
+    const SmnRowPos pos = smn_row_pos(g, row);
     float s_g = 0.f, s_gx = 0.f;  // sum(dy*w), sum(dy*w*xhat)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = threadIdx.x + i * blockDim.x;
       if (v >= nvec) continue;
       const int cf = v * VEC;
-      const T* src = x + row_off + smn_vec_offset(g, cf, g.stride_n);
+      const T* src = x + smn_row_offset(pos, g.stride_t, g.stride_n) + smn_vec_offset(g, cf, g.stride_n);
       float acc[VEC] = {};
       for (int mi = 0; mi < g.mh; ++mi) {
         for (int mj = 0; mj < g.mw; ++mj) {
@@ -207,13 +218,12 @@ __global__ void __launch_bounds__(kSmnMaxThreads, sizeof(T) == 2 ? kSmnMinBlocks
     if (dx == nullptr) continue;  // uniform across the block: no reduction is skipped unevenly
     s_g = block_sum(s_g, scratch[0]) * inv_width;
     s_gx = block_sum(s_gx, scratch[1]) * inv_width;
-    const int64_t dx_row = smn_row_offset(g, row, dx_st, g.C);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = threadIdx.x + i * blockDim.x;
       if (v >= nvec) continue;
       const int cf = v * VEC;
-      T* dst = dx + dx_row + smn_vec_offset(g, cf, g.C);
+      T* dst = dx + smn_row_offset(pos, dx_st, g.C) + smn_vec_offset(g, cf, g.C);
       float d[VEC], w[VEC], dz[VEC];
       load_f32<T, VEC>(dy + row * g.width + cf, d);  // second read of the row hits L1/L2
       load_f32<float, VEC>(weight + cf, w);

@@ -28,10 +28,10 @@ struct SmnBwdArgs {
   float* dbias_partial;
 };
 
-// Threads per block for `nvec` vectors at `items` per thread: whole warps, at least two.
+// Threads per block for `nvec` vectors at `items` per thread: whole warps, at least kSmnMinThreads.
 inline int smn_row_threads(int nvec, int items) {
   const int t = ((nvec + items - 1) / items + 31) / 32 * 32;
-  return t < 64 ? 64 : t;
+  return t < kSmnMinThreads ? kSmnMinThreads : t;
 }
 
 template <typename T, int VEC>

@@ -18,7 +18,7 @@ TomeMergeGeom merge_geom(const TomeMergeShape& s) {
 // Enough threads to cover the row once for ViT/projector widths, at least a few warps.
 int merge_threads(int64_t channels) {
   int64_t t = ((channels + 31) / 32) * 32;
-  return static_cast<int>(t < 128 ? 128 : (t > 512 ? 512 : t));
+  return static_cast<int>(t < kTomeMergeMinThreads ? kTomeMergeMinThreads : (t > kTomeMergeMaxThreads ? kTomeMergeMaxThreads : t));
 }
 
 template <typename T>

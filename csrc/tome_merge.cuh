@@ -9,6 +9,12 @@
 
 namespace fcot {
 
+// Launch configuration (tome_merge.cu, tests/compile_triton_sm90.py): one block per output
+// (forward) or input (backward) token, threads = the row's vectors rounded up to whole warps,
+// clamped to [kTomeMergeMinThreads, kTomeMergeMaxThreads].
+constexpr int kTomeMergeMinThreads = 128;
+constexpr int kTomeMergeMaxThreads = 512;
+
 struct TomeMergeGeom {
   int64_t stride_b, stride_t;  // x strides (elements); channel stride is 1
   int tokens, tokens_out, C;

@@ -521,10 +521,6 @@ ALLOW: dict[tuple[str, str], str] = {
     # cores (no tensor-core fp32); its dK/dV, with two BLOCK_N x D fp32 accumulators next to the
     # FMA dots' operands, spills at every tile tried (16-32 x 16-32, 4-8 warps).
     ("merged_attention _bwd_dkdv_kernel [d=128 varlen=0 fp32]", "spill"): "fp32 (IEEE) is a correctness path, not a speed target",
-    # csrc's split-TU shuffle_merge_norm backward (i18suite, 3c8cc8a): ptxas keeps one prologue
-    # scalar in local memory across the row loop (3 STL in the prologue, 1 LDL after the loop,
-    # 8 B of stack per thread): not in the per-vector loop. For csrc/'s owner to remove.
-    ("cuda smn_bwd_kernel<", "spill"): "8 B stack: a prologue scalar stored once and reloaded once after the row loop (SASS), not per vector",
     # The CUDA ToMe match is the cross-check of the Triton one (wgmma + cp.async, which `auto`
     # runs by default: fcot_kernels/dispatch_table.json); it stays a CUDA-core kernel.
     ("cuda tome_match_kernel", "scalar"): "cross-check backend; auto runs the Triton match (wgmma) unless measured slower",
@@ -753,20 +749,24 @@ def csrc_launch_config() -> dict:
             raise CsrcParseError(f"csrc/: helper {name}(...) not found")
         return m.group(1)
 
+    def value(token: str) -> int:
+        return consts[token] if token in consts else _c_expr(token, consts, 2)
+
+    # The clamps, as literals or named constants: `t < MIN ? MIN : t`, `t < LO ? LO : (t > HI ? HI : t)`.
     row = helper(r"(?:smn_)?row_threads")
-    m_row = re.search(r"t\s*<\s*(\d+)\s*\?\s*(\d+)\s*:\s*t", row)
+    m_row = re.search(r"t\s*<\s*(\w+)\s*\?\s*(\w+)\s*:\s*t", row)
     merge = helper("merge_threads")
-    m_merge = re.search(r"t\s*<\s*(\d+)\s*\?\s*(\d+)\s*:\s*\(\s*t\s*>\s*(\d+)\s*\?\s*(\d+)\s*:\s*t\s*\)", merge)
+    m_merge = re.search(r"t\s*<\s*(\w+)\s*\?\s*(\w+)\s*:\s*\(\s*t\s*>\s*(\w+)\s*\?\s*(\w+)\s*:\s*t\s*\)", merge)
     if not m_row or not m_merge:
         raise CsrcParseError("csrc/: the row_threads / merge_threads clamps are not in the form this parser reads")
     return dict(
         smn_max_threads=const("kSmnMaxThreads", "kMaxThreads"),
         smn_max_items=const("kSmnMaxItems", "kMaxItems"),
-        smn_min_threads=int(m_row.group(2)),
+        smn_min_threads=value(m_row.group(2)),
         smn_fwd_bounds={e: bounds("smn_fwd_kernel", e) for e in (2, 4)},
         smn_bwd_bounds={e: bounds("smn_bwd_kernel", e) for e in (2, 4)},
         tome_match_threads=bounds("tome_match_kernel", 2)[0],
-        merge_threads=(int(m_merge.group(2)), int(m_merge.group(4))),
+        merge_threads=(value(m_merge.group(2)), value(m_merge.group(4))),
     )
 
 

@@ -174,6 +174,56 @@ def test_cases_past_the_time_budget_are_rows_that_say_so():
         ("skipped", "skipped: the run's time budget ran out before this case (--time-budget)")] * 2
 
 
+def test_a_case_past_its_share_is_cut_and_the_run_goes_on():
+    class Slow(_Fake):
+        PROVIDERS = ("slow", "eager")
+
+        @staticmethod
+        def setup(shape, provider, mode, dtype, device):
+            if provider == "slow":
+                return harness.Case(fn=lambda: time.sleep(30), bytes=1.0)
+            return _Fake.setup(shape, provider, mode, dtype, device)
+
+    start = time.monotonic()
+    rows = harness.run_cases("fake", Slow, device=CPU, dtype=torch.float32, modes=["forward"], ceilings=CEILINGS,
+                             env={}, quick=True, limit=0.5)
+    assert time.monotonic() - start < 10
+    assert rows[0].status == "cut" and rows[0].note.startswith("cut: still running after its 0.5 s share")
+    assert rows[0].median_ms is None and rows[1].status == "ok"
+
+
+def test_plan_times_target_cases_first_and_torch_compile_last():
+    import importlib
+
+    modules = {op: importlib.import_module(run.OPS[op]) for op in ("shuffle_merge_norm", "apply_fcot")}
+    cases = run.plan(modules, "cpu", None, None)
+    providers = [c[2] for c in cases]
+    first_late = min(i for i, p in enumerate(providers) if p in run.LATE_PROVIDERS)
+    assert all(p in run.LATE_PROVIDERS for p in providers[first_late:])
+    assert providers[first_late:] == sorted(providers[first_late:], key=run.LATE_PROVIDERS.index)
+    assert len(cases) == len(set(cases)) == sum(len(m.CPU_SHAPES) * len(m.PROVIDERS) * len(run._modes(m, None))
+                                               for m in modules.values())
+    gpu = run.plan(modules, "target", None, None)
+    wanted = run.target_cases()
+    flags = [c in wanted for c in gpu if c[2] not in run.LATE_PROVIDERS]
+    assert any(flags) and flags == sorted(flags, reverse=True)  # the targets' cases before the others
+
+
+def test_merge_replaces_the_rows_of_the_same_cases(tmp_path, monkeypatch):
+    fake = types.ModuleType("fcot_fake_bench2")
+    fake.SHAPES, fake.PROVIDERS, fake.CPU_SHAPES = _Fake.SHAPES, ("eager", "counted"), ["s"]
+    fake.setup = _Fake.setup
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(run.OPS, "fake", fake.__name__)
+    monkeypatch.setattr(harness, "copy_bandwidth_gbps", lambda device: 100.0)
+    monkeypatch.setattr(harness, "matmul_tflops", lambda device: 1.0)
+    common = ["--op", "fake", "--quick", "--no-progress", "--mode", "forward", "--out", str(tmp_path)]
+    assert run.main([*common, "--exclude-provider", "counted"]) == 0
+    assert run.main([*common, "--provider", "counted", "--merge"]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("counted", "ok")]
+
+
 def test_roofline_picks_the_binding_ceiling():
     row = harness.Row("op", "s", "p", "forward", "float32", "cpu", median_ms=20.0)
     harness._roofline(row, harness.Case(fn=None, bytes=1e9, flops=4e9), CEILINGS)  # 10 ms of bytes, 4 ms of FLOPs
@@ -293,3 +343,19 @@ def test_liger_peer_computes_the_same_loss_as_fcot():
     loss = LOSSES["jsd"]
     liger = _liger()(jsd_beta=loss["beta"], temperature=loss["temperature"])(xs, w, xt, w, labels)
     torch.testing.assert_close(liger, fused_linear_distill_ref(xs, xt, w, labels=labels, **loss), rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_folds_a_gpu_run_and_refuses_a_cpu_one(tmp_path):
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    rows = [_gpu_row("shuffle_merge_norm", targets.SMN_300M, p, "forward", ms) for p, ms in (("triton", 2.0), ("cuda", 1.0))]
+    (gpu / "bench.json").write_text(json.dumps(rows))
+    table = tmp_path / "table.json"
+    assert run.main(["dispatch", str(gpu), "--table", str(table)]) == 0
+    entry = json.loads(table.read_text())["measured"]["shuffle_merge_norm"]["NVIDIA H100 80GB HBM3"]
+    assert entry["order"] == ["cuda", "triton"]
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    (cpu / "bench.json").write_text(json.dumps([{**r, "device": "cpu"} for r in rows]))
+    with pytest.raises(SystemExit, match="not a GPU run"):
+        run.main(["dispatch", str(cpu), "--table", str(table)])

@@ -40,7 +40,7 @@ def rehearsals(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
              "timeout": _start(root / "timeout", FCOT_REHEARSE_BUILD="timeout", FCOT_REHEARSE_SLOW_TEST="1")}
     out = {}
     for name, proc in procs.items():
-        log, _ = proc.communicate(timeout=300)
+        log, _ = proc.communicate(timeout=900)
         out[name] = (proc.returncode, log, root / name)
     return out
 
@@ -95,8 +95,10 @@ def test_rehearsal_of_a_good_run_passes_every_stage(rehearsals):
 
 def test_stage_budgets_fit_seven_minutes():
     text = SUITE.read_text()
-    budgets = dict(re.findall(r"\b(B_[A-Z_]+|KILL)=(\d+)", text.split("if [ $REHEARSE = 1 ]; then\n  B_SETUP")[0]))
-    b = {k: int(v) for k, v in budgets.items()}
+    b: dict[str, int] = {}
+    for name, value in re.findall(r"\b(B_[A-Z_]+|KILL)=(\d+)", text):
+        b.setdefault(name, int(value))  # the GPU budgets come first; --rehearse's replace them later
+    budgets = b
     worst = (b["B_SETUP"] + b["B_BENCH"] + max(b["B_BUILD"], b["B_TESTS"]) + b["B_BENCH_CUDA"] + b["B_TESTS_CUDA"]
              + b["B_MEMCHECK"] + b["B_RACECHECK"] + 7 * b["KILL"] + 6)
     assert worst <= 420, budgets
