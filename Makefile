@@ -53,7 +53,7 @@ bench-quick: install
 bench-report: install
 	$(PYTHON) -m fcot bench report
 
-bench-pytest: install triton-gpu
+bench-pytest: install
 	$(PYTHON) -m pytest bench/ --benchmark-only
 
 clean:
