@@ -623,6 +623,8 @@ def _analyse(name: str, dtype_bytes: int, assumed: int, ptx: str, ttgir: str, re
         vec=max((b for _, b in acc), default=0),
         narrow=sum(1 for _, b in acc if 0 < b <= 2) if dtype_bytes == 2 else 0,
         mma="+".join(mma) or ("fma" if dots else "-"),
+        # The narrowest wgmma tile (m64nNk16): a 16/32-wide N issues 4-8x the instructions per FLOP.
+        wgmma_n=min((int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)), default=0),
         async_copies=len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
         sync_operands=sum(src.count("load") for _, _, src in dots),
         mma_sync_dots=sum(1 for op, _, _ in dots if op == "tt.dot") if dtype_bytes == 2 else 0,
@@ -903,7 +905,8 @@ def _row(name: str, res: dict) -> str:
     why = "; ".join(f"{r}: {w}" for r, w in res["why"].items())
     spill = f"{res['spill_st']}/{res['spill_ld']}" if res["spill_st"] or res["spill_ld"] else "0"
     return (f"| {name} | {res['regs']} | {spill} | {res['shared'] / 1024:.1f} | {res['blocks']} (>= {res['assumed']}) "
-            f"| {res['vec']} B{' + ' + str(res['narrow']) + ' x 2 B' if res['narrow'] else ''} | {res['mma']} "
+            f"| {res['vec']} B{' + ' + str(res['narrow']) + ' x 2 B' if res['narrow'] else ''} | {res['mma']}"
+            f"{' (n >= ' + str(res['wgmma_n']) + ')' if res.get('wgmma_n') else ''} "
             f"| {res['async_copies']}{' (' + str(res['sync_operands']) + ' sync operands)' if res['sync_operands'] else ''} "
             f"| {verdict} | {why} |")
 
@@ -977,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         line = (f"shared {res['shared'] / 1024:6.1f} KiB  regs {res['regs']:3d}  stack {res['stack']:5d}  "
                 f"spill {res['spill_st']}/{res['spill_ld']} B  w{res['warps']} s{res['stages']}  "
                 f"blocks/SM {res['blocks']}>={res['assumed']}  vec {res['vec']}B narrow {res['narrow']}  "
-                f"mma {res['mma']} async {res['async_copies']}  {res['seconds']:4.1f}s  {name}")
+                f"mma {res['mma']} async {res['async_copies']} wgmma-n {res.get('wgmma_n', 0)}  {res['seconds']:4.1f}s  {name}")
         unexplained = [r for r in res["broken"] if r not in res["why"]]
         if res["shared"] > H100_SMEM:
             failed += 1

@@ -97,6 +97,9 @@ def _gate(env: dict, version: str, *, cuda: bool) -> None:
     assert all(int(ln.split("blocks/SM ")[1].split(">=")[0]) >= 2 for ln in conv), report
     dkdv = [ln for ln in triton_rows if "_bwd_dkdv_kernel [d=128" in ln and "fp32]" not in ln]
     assert dkdv and all("mma wgmma " in ln and "spill 0/0" in ln for ln in dkdv), report
+    assert all(int(ln.split("wgmma-n ")[1].split()[0]) >= 32 for ln in dkdv), report
+    dq = [ln for ln in triton_rows if "_bwd_dq_kernel [d=128" in ln and "fp32]" not in ln]
+    assert dq and all(int(ln.split("wgmma-n ")[1].split()[0]) >= 64 for ln in dq), report  # wide tiles (were n = 16/32)
     smn = [ln for ln in triton_rows if "shuffle_merge_norm _merge_ln_bwd_kernel [avg C=1024" in ln]
     assert smn and all(" prefetch " in ln and "spill 0/0" in ln for ln in smn), report
     match = [ln for ln in triton_rows if "_tome_match_kernel [native_dot=1 128x128" in ln]

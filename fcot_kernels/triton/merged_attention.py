@@ -577,9 +577,10 @@ def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
     if kind == "dkdv":
         # dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32) live in registers for the whole
         # loop. The step computes the logits transposed (keys x rows), so each dot's M is the
-        # 64 keys: wgmma at any BLOCK_M. 32 query rows per step keep d = 128 at 206-230
-        # registers without spills under Triton 3.6 and 3.9 (64 rows spilled 4-24 B).
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+        # keys: wgmma at any BLOCK_M. d > 64: 128 keys x 32 query rows, 234-254 registers
+        # without spills under Triton 3.6 and 3.9 (64 x 64 spilled 4-24 B; 64 keys x 32 rows
+        # split the S/dP dots over the two warpgroups as m64n16). d = 64: 64 keys, 4 warps.
+        return dict(BLOCK_M=32, BLOCK_N=128 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
     # dQ: 128 query rows x 64 keys (wgmma m64n64 for S/dP, m64n128 for dQ at d = 128; the
     # 64 x 32 tiles before ran n = 32/16 instructions), 210-228 registers, no spills.
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
