@@ -9,7 +9,7 @@ DEPS    := torch==2.13.0 "triton>=3.0" "transformers>=4.52" "pybind11>=2.12" num
            accelerate peft safetensors pillow tqdm matplotlib pyyaml
 SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: env install demo test test-fast test-seeds test-tf4 bench bench-quick bench-report bench-pytest clean
+.PHONY: env install triton-gpu demo test test-fast test-seeds test-tf4 bench bench-quick bench-report bench-pytest clean
 
 env: $(VENV)/.deps
 $(VENV)/.deps: Makefile
@@ -26,12 +26,22 @@ build/.installed: $(VENV)/.deps $(SOURCES)
 		| grep -E '^ *fcot-vl:|Successfully installed' || { tail -40 build/install.log; exit 1; }
 	touch $@
 
+# The GPU machine's Triton (../shared/GPU.md), side by side in an ignored folder, for the
+# compiled-code gate (tests/test_triton_sm90_compile.py runs it under both Tritons). Installed
+# once (again only when the Makefile changes, like the venv): one wheel, ~640 MB unpacked.
+GPU_TRITON := 3.6
+triton-gpu: $(VENV)/triton-gpu/.installed
+$(VENV)/triton-gpu/.installed: $(VENV)/.deps
+	rm -rf $(VENV)/triton-gpu
+	$(PIP) install -q --no-deps --target $(VENV)/triton-gpu "triton==$(GPU_TRITON).*"
+	echo "$(GPU_TRITON)" > $@
+
 demo: install
 	$(PYTHON) -m fcot demo --overwrite
 
 # Everything (CI). test-fast leaves out the cases marked slow (real model shapes, fuzzing, multi-process
 # and end-to-end runs): the subset a developer runs after each change, in minutes.
-test: install
+test: install triton-gpu
 	$(PYTHON) -m pytest
 
 test-fast: install

@@ -11,13 +11,20 @@ kernel/configuration with its shared memory, registers, stack and spill bytes.
 Run as a script (``tests/test_triton_sm90_compile.py`` calls it in a subprocess, because the
 interpreter that the tests use replaces ``triton.jit``)::
 
-    PYTHONPATH=$PWD python tests/compile_triton_sm90.py [--jobs N] [--filter SUBSTRING]
+    python tests/compile_triton_sm90.py [--jobs N] [--filter SUBSTRING]
+    PYTHONPATH=.venv/triton-gpu python tests/compile_triton_sm90.py --no-cuda   # the GPU machine's Triton 3.6
+
+The compiler decides what the rules see (Triton 3.6 could not prove the gathered GEMM operand
+16-byte aligned where 3.9 could), so CI runs it under both (``make triton-gpu``); each Triton's
+table has its own section in docs/kernels.md, and ``ALLOW_ONLY_UNDER`` scopes an entry to the
+versions that need it.
 
 Exit status 1 if any kernel fails to compile, needs more shared memory than an H100 SM offers
 (227 KiB), or breaks a performance rule without a reason in ``ALLOW`` (see "performance rules"
 below: spills, 2-byte global accesses, synchronously fed or ``mma.sync`` tensor-core loops,
 occupancy below the launcher's assumption); also the CUDA C++ kernels of ``csrc/`` are read from
-their sm_90 SASS (``--no-cuda`` skips them). ``--write-docs`` writes the table into
+their sm_90 SASS (``--no-cuda`` skips them), at launch configurations parsed from csrc/'s own
+sources (``csrc_launch_config``: constants, ``__launch_bounds__``, thread-count clamps). ``--write-docs`` writes the table into
 docs/kernels.md, ``--check-docs`` fails when the committed table differs.
 
 The constexprs (block sizes, num_warps, num_stages) come from the launchers' own helpers
@@ -45,13 +52,14 @@ cheapest shape whose code paths are the same.
   scattered), conv dmerge_weight (B gathered) at merge 1/2/4; linear + GELU/tanh-GELU with and
   without storing the pre-activation; the GELU-derivative epilogue. bf16 at 13 tiles
   (``_gemm_config``'s 128 x 128 blocks); at one tile with merge 4 (its 64 x 64 blocks where
-  M <= 64); fp16 and fp32 (DOT_F32) at 13 tiles, merge 4.
+  M <= 64); fp16 and fp32 (DOT_F32) at 13 tiles, merge 4; the conv forward once more with an x
+  the launcher cannot prove 16-byte aligned (``U_ALIGN = 1``, the unhinted path).
 * fused_linear_distill (V = 92553, ``_meta``'s BLOCK_V = 4096, chunk from ``default_chunk``):
   each divergence x each label state (none; labels; + cross-entropy; + CE at T != 1) with the
   gradient and MEAN; the heaviest state without the gradient and with MEAN = False; int32
   labels; fp16 and fp32.
-* tome_merge: match (bf16/fp16 native tl.dot, fp32 IEEE), merge and unmerge, each in bf16,
-  fp16 and fp32, 1024 tokens, C = 1024.
+* tome_merge: the row scaling + norms pass, match (bf16/fp16 native tl.dot, fp32 IEEE), merge
+  and unmerge, each in bf16, fp16 and fp32, 1024 tokens, C = 1024.
 * merged_attention: forward, delta, dK/dV, dQ and importance at head dims 64/96/128 (bf16,
   batched, causal, with bias), d = 128 varlen (no bias, not causal), fp16 and fp32 at d = 128.
 """
@@ -75,6 +83,10 @@ import warnings
 from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers' helpers must take their GPU branches
+# Run as a script, sys.path[0] is tests/, whose fcot_kernels/ (the tests' package) would shadow
+# the repository's: put this checkout's root first so the kernels checked are the ones beside it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -202,8 +214,10 @@ def _ln_bwd(op: str, label: str, geom: ShuffleGeometry, dtype, mode: int, has_mb
     programs = max(1, min(geom.rows, per_sm * H100_SMS))
     ints = dict(_ln_ints(geom), rows=geom.rows, rows_per_program=triton.cdiv(geom.rows, programs),
                 grid_hw=geom.grid_h * geom.grid_w)
-    return Job(op, SMN._merge_ln_bwd_kernel, f"{label} {flags} {SHORT[dtype]}", p,
-               dict(MODE=mode, HAS_MB=has_mb, COMPUTE_DX=dx, COMPUTE_DMW=dmw, COMPUTE_DMB=dmb, **consts), opts,
+    prefetch = " prefetch" if SMN.bwd_prefetch(geom, mode == SMN.MODE_DWCONV) else ""
+    return Job(op, SMN._merge_ln_bwd_kernel, f"{label} {flags}{prefetch} {SHORT[dtype]}", p,
+               dict(MODE=mode, HAS_MB=has_mb, COMPUTE_DX=dx, COMPUTE_DMW=dmw, COMPUTE_DMB=dmb,
+                    PREFETCH=SMN.bwd_prefetch(geom, mode == SMN.MODE_DWCONV), **consts), opts,
                ints=ints, assumed_blocks=per_sm)
 
 
@@ -246,10 +260,12 @@ def merge_ln_jobs() -> list[Job]:
 
 
 def _gemm(label: str, M: int, N: int, K: int, dtype, geom: ShuffleGeometry | None = None, *, sa=(0, 0), sb=(0, 0),
-          sc=(0, 0), gather=None, scatter=False, bias=False, act=CP.ACT_NONE, act_grad=False, pre=False) -> Job:
+          sc=(0, 0), gather=None, scatter=False, bias=False, act=CP.ACT_NONE, act_grad=False, pre=False,
+          aligned=True) -> Job:
     """The arguments ``compress_project.gemm`` passes on a GPU; ``sa``/``sb``/``sc`` are the
-    strides of A, B and C (unused, 0, for a gathered or scattered operand)."""
-    consts, opts = _split(CP._gemm_config(M, N, K, CUDA))
+    strides of A, B and C (unused, 0, for a gathered or scattered operand); ``aligned=False``:
+    x at an address that is not a 16-byte multiple (the launcher's unhinted fallback)."""
+    consts, opts = _split(CP._gemm_config(M, N, K, CUDA, dtype))
     if geom is not None:
         hw = geom.grid_h * geom.grid_w
         g = (geom.tokens_out, geom.out_grid[1], geom.grid_w, geom.channels, geom.width)
@@ -264,10 +280,13 @@ def _gemm(label: str, M: int, N: int, K: int, dtype, geom: ShuffleGeometry | Non
                   HAS_BIAS=bias, ACT=act, ACT_GRAD=act_grad, STORE_PRE=pre, DOT_F32=dtype == torch.float32,
                   SEG_BLOCKS=geom is not None and geom.channels % consts["BLOCK_K"] == 0
                   and geom.channels % consts["BLOCK_N"] == 0)
+    # The launcher's alignment check (compress_project._u_align) on x / dx as they are at the target.
+    u = types.SimpleNamespace(element_size=lambda: dtype.itemsize, data_ptr=lambda: 0 if aligned else 2)
+    consts["U_ALIGN"] = (CP._u_align(u if gather or scatter else None, us, geom) if consts["SEG_BLOCKS"] else 1)
     p = dict.fromkeys(("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "aux_ptr", "pre_ptr"), dtype)
     blocks = f"{consts['BLOCK_M']}x{consts['BLOCK_N']}x{consts['BLOCK_K']}"
     return Job("compress_project", CP._gemm_kernel, f"{label} M={M} N={N} K={K} {blocks} {SHORT[dtype]}", p, consts, opts,
-               ints=ints)
+               ints=ints, assumed_blocks=CP.gemm_blocks_per_sm(dtype, act != CP.ACT_NONE))
 
 
 def gemm_jobs() -> list[Job]:
@@ -287,6 +306,10 @@ def gemm_jobs() -> list[Job]:
             # conv_backward: dx = dz @ merge_weight scattered; dmerge_weight = dz.T @ U (B gathered).
             jobs.append(_gemm(f"conv dx {lab}", rows, k, w, dtype, g, sa=(w, 1), sb=(k, 1), scatter=True))
             jobs.append(_gemm(f"conv dmw {lab}", w, k, rows, dtype, g, sa=(1, w), sc=(k, 1), gather="b"))
+            if dtype == torch.bfloat16 and tiles == TILES and merge == 2:
+                # x at an odd address (a view): no alignment hints, the correct unhinted path.
+                jobs.append(_gemm(f"conv fwd unaligned-x {lab}", rows, w, k, dtype, g, sb=(1, k), sc=(w, 1),
+                                  gather="a", bias=True, aligned=False))
         rows = _geom(c, merges[-1], tiles).rows
         for act, pre in itertools.product(CP.ACT_CODES, (True, False)):
             if (dtype != torch.bfloat16 or tiles != TILES) and (act, pre) != ("gelu", True):
@@ -354,10 +377,15 @@ def tome_jobs() -> list[Job]:
         t = types.SimpleNamespace(device=CUDA, dtype=dtype)  # what the helpers read of a tensor
         consts, opts = _split(TOME._match_meta(t))
         lab = f"tokens={TOME_TOKENS} C={TOME_C} {SHORT[dtype]}"
-        jobs.append(Job("tome_merge", TOME._tome_match_kernel, f"native_dot={int(consts['NATIVE_DOT'])} {lab}",
-                        dict(m_ptr=dtype, score_ptr=f32, index_ptr=i64), consts, opts, {"eps": "fp32"},
-                        dict(stride_mb=TOME_TOKENS * TOME_C, stride_mt=TOME_C, stride_mc=1, protected=0,
-                             n_a=TOME_TOKENS // 2, n_b=TOME_TOKENS // 2, C=TOME_C)))
+        rc, ro = _split(TOME._rows_meta(t))
+        jobs.append(Job("tome_merge", TOME._tome_rows_kernel, lab, dict(m_ptr=dtype, ms_ptr=dtype, inv_ptr=f32),
+                        dict(SCALE=dtype != torch.float16, **rc), ro, {"eps": "fp32"},
+                        dict(stride_mb=TOME_TOKENS * TOME_C, stride_mt=TOME_C, stride_mc=1, tokens=TOME_TOKENS,
+                             C=TOME_C)))
+        blocks = f"{consts['BLOCK_A']}x{consts['BLOCK_B']}x{consts['BLOCK_C']}"
+        jobs.append(Job("tome_merge", TOME._tome_match_kernel, f"native_dot={int(consts['NATIVE_DOT'])} {blocks} {lab}",
+                        dict(m_ptr=dtype, inv_ptr=f32, score_ptr=f32, index_ptr=i64), consts, opts, {},
+                        dict(tokens=TOME_TOKENS, protected=0, n_a=TOME_TOKENS // 2, n_b=TOME_TOKENS // 2, C=TOME_C)))
         block_c = TOME._block_c(t, TOME_C)
         opts = dict(num_warps=4 if block_c >= 512 else 1)  # as merge() / unmerge() launch it
         sizes = dict(tokens=TOME_TOKENS, tokens_out=TOME_TOKENS - TOME_R, C=TOME_C)
@@ -488,10 +516,12 @@ ALLOW: dict[tuple[str, str], str] = {
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
     ("_fld_kernel [reverse_kl labels=int64 ce=1 ce_lse=1 mean=1 grad=0", "spill"):
         "ptxas keeps 80 regs (3 blocks/SM) and spills 12 B of scalars once per row, not per element",
-    ("merged_attention _bwd_dkdv_kernel [d=96", "mma.sync"):
-        "BLOCK_M = 64 (all wgmma) spills ~160 B at d = 96/128 here; mma.sync q/do dots kept until a GPU measures both",
-    ("merged_attention _bwd_dkdv_kernel [d=128", "mma.sync"):
-        "BLOCK_M = 64 (all wgmma) spills ~160 B at d = 96/128 here; mma.sync q/do dots kept until a GPU measures both",
+    # An x the launcher cannot prove 16-byte aligned (compress_project._u_align) takes the
+    # unhinted path: correct for any address and strides; Triton 3.6 then gathers 2 bytes at a
+    # time (3.9 still proves the alignment it can; ALLOW_ONLY_UNDER scopes these to 3.6-3.8).
+    ("_gemm_kernel [conv fwd unaligned-x", "scalar"): "x not 16-byte aligned (an offset view): the unhinted correctness path",
+    ("_gemm_kernel [conv fwd unaligned-x", "sync-operand"): "x not 16-byte aligned (an offset view): the unhinted correctness path",
+    ("_gemm_kernel [conv fwd unaligned-x", "occupancy"): "x not 16-byte aligned (an offset view): the unhinted correctness path",
     # fp32 attention is the tests' exact path, not a speed target: IEEE fp32 dots run on CUDA
     # cores (no tensor-core fp32); its dK/dV, with two BLOCK_N x D fp32 accumulators next to the
     # FMA dots' operands, spills at every tile tried (16-32 x 16-32, 4-8 warps).
@@ -502,6 +532,21 @@ ALLOW: dict[tuple[str, str], str] = {
     ("cuda tome_match_kernel", "sync-operand"): "cross-check backend; auto runs the Triton match (wgmma) unless measured slower",
     ("cuda tome_match_kernel", "mma.sync"): "CUDA-core fp32 FMA; auto runs the Triton match (wgmma) unless measured slower",
 }
+
+# Entries needed only under some Tritons (version prefixes): the stale-entry check (an ALLOW entry
+# that matches no broken rule fails a full run) skips them under the other versions, since CI runs
+# the gate under both the GPU machine's Triton (3.6) and the newest.
+ALLOW_ONLY_UNDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("_gemm_kernel [conv fwd unaligned-x", "scalar"): ("3.6", "3.7", "3.8"),
+    ("_gemm_kernel [conv fwd unaligned-x", "sync-operand"): ("3.6", "3.7", "3.8"),
+    ("_gemm_kernel [conv fwd unaligned-x", "occupancy"): ("3.6", "3.7", "3.8"),
+}
+
+
+def _allow_applies(key: tuple[str, str]) -> bool:
+    versions = ALLOW_ONLY_UNDER.get(key)
+    return versions is None or triton.__version__.startswith(versions)
+
 
 _GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)")
 _WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf16": 2, "b32": 4, "u32": 4,
@@ -583,6 +628,8 @@ def _analyse(name: str, dtype_bytes: int, assumed: int, ptx: str, ttgir: str, re
         vec=max((b for _, b in acc), default=0),
         narrow=sum(1 for _, b in acc if 0 < b <= 2) if dtype_bytes == 2 else 0,
         mma="+".join(mma) or ("fma" if dots else "-"),
+        # The narrowest wgmma tile (m64nNk16): a 16/32-wide N issues 4-8x the instructions per FLOP.
+        wgmma_n=min((int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)), default=0),
         async_copies=len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
         sync_operands=sum(src.count("load") for _, _, src in dots),
         mma_sync_dots=sum(1 for op, _, _ in dots if op == "tt.dot") if dtype_bytes == 2 else 0,
@@ -639,36 +686,132 @@ CSRC = os.path.join(ROOT, "csrc")
 TARGET_W = 4096  # shuffle_merge_norm's target: C = 1024, r = 2 -> W = 4096 (bf16: 512 vectors of 8)
 
 
-def _cuda_launch(name: str, mangled: str) -> tuple[int, int, int, str] | None:
+class CsrcParseError(RuntimeError):
+    """A launch constant the gate needs is not where (or how) csrc/ used to write it."""
+
+
+def _csrc_sources() -> list[tuple[str, str]]:
+    """(file name, text) of csrc/'s headers first (*.cuh, *.h), then its .cu files: constants
+    and launch bounds are read wherever they live, so moving them between files (as the split
+    of shuffle_merge_norm.cu into small TUs did) needs no change here."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(CSRC, "*.cuh"))) + sorted(glob.glob(os.path.join(CSRC, "*.h")))
+    files += sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    out = []
+    for path in files:
+        with open(path) as fh:
+            out.append((os.path.basename(path), re.sub(r"//[^\n]*", "", fh.read())))  # comments dropped
+    return out
+
+
+def _c_expr(expr: str, consts: dict, elem: int) -> int:
+    """Value of a small C integer expression from a launch bound or helper: integer literals,
+    the constants of csrc/, ``sizeof(T)`` (= elem) and one ``cond ? a : b``."""
+    expr = expr.strip()
+    m = re.fullmatch(r"(.+?)\?(.+?):(.+)", expr)
+    if m:
+        return _c_expr(m.group(2), consts, elem) if _c_expr(m.group(1), consts, elem) else _c_expr(m.group(3), consts, elem)
+    py = re.sub(r"sizeof\s*\(\s*T\s*\)", str(elem), expr)
+    for name in sorted(set(re.findall(r"\b[A-Za-z_]\w*\b", py)), key=len, reverse=True):
+        if name not in consts:
+            raise CsrcParseError(f"csrc/: {name!r} in {expr!r} is not an integer constexpr of csrc/")
+        py = re.sub(rf"\b{name}\b", str(consts[name]), py)
+    if not re.fullmatch(r"[\d\s()+\-*/<>=!&|]+", py):
+        raise CsrcParseError(f"csrc/: cannot evaluate {expr!r}")
+    return int(eval(py.replace("/", "//").replace("&&", " and ").replace("||", " or ")))  # noqa: S307 (digits and operators only)
+
+
+def csrc_launch_config() -> dict:
+    """The CUDA launch configuration of csrc/, parsed from its sources (not a hand-kept copy):
+
+    * ``constexpr int kName = N;`` constants (any file; headers first);
+    * each kernel's ``__launch_bounds__(threads[, min blocks])``, evaluated per element size;
+    * the thread-count helpers' clamps: shuffle_merge_norm's row threads (``t < MIN ? MIN : t``)
+      and the ToMe merge's (``t < LO ? LO : (t > HI ? HI : t)``).
+
+    Raises CsrcParseError naming what is missing, so a refactor that moves or renames one fails
+    the gate loudly instead of checking the kernels at a stale configuration."""
+    sources = _csrc_sources()
+    text = "\n".join(t for _, t in sources)
+    consts = {k: int(v) for k, v in re.findall(r"constexpr\s+(?:int|int64_t|unsigned)\s+(k\w+)\s*=\s*(\d+)\s*;", text)}
+
+    def const(*names: str) -> int:
+        for n in names:
+            if n in consts:
+                return consts[n]
+        raise CsrcParseError(f"csrc/: none of the constants {names} is defined (constexpr int kName = N;)")
+
+    def bounds(kernel: str, elem: int) -> tuple[int, int]:
+        m = re.search(rf"__launch_bounds__\s*\(((?:[^()]|\([^()]*\))*)\)\s*{kernel}\s*\(", text)
+        if not m:
+            raise CsrcParseError(f"csrc/: no __launch_bounds__(...) {kernel}( found")
+        parts = [p for p in re.split(r",(?![^()]*\))", m.group(1))]
+        threads = _c_expr(parts[0], consts, elem)
+        return threads, (_c_expr(parts[1], consts, elem) if len(parts) > 1 else 1)
+
+    def helper(name: str) -> str:
+        m = re.search(rf"\b{name}\s*\([^)]*\)\s*\{{(.*?)\n\}}", text, re.S)
+        if not m:
+            raise CsrcParseError(f"csrc/: helper {name}(...) not found")
+        return m.group(1)
+
+    def value(token: str) -> int:
+        return consts[token] if token in consts else _c_expr(token, consts, 2)
+
+    # The clamps, as literals or named constants: `t < MIN ? MIN : t`, `t < LO ? LO : (t > HI ? HI : t)`.
+    row = helper(r"(?:smn_)?row_threads")
+    m_row = re.search(r"t\s*<\s*(\w+)\s*\?\s*(\w+)\s*:\s*t", row)
+    merge = helper("merge_threads")
+    m_merge = re.search(r"t\s*<\s*(\w+)\s*\?\s*(\w+)\s*:\s*\(\s*t\s*>\s*(\w+)\s*\?\s*(\w+)\s*:\s*t\s*\)", merge)
+    if not m_row or not m_merge:
+        raise CsrcParseError("csrc/: the row_threads / merge_threads clamps are not in the form this parser reads")
+    return dict(
+        smn_max_threads=const("kSmnMaxThreads", "kMaxThreads"),
+        smn_max_items=const("kSmnMaxItems", "kMaxItems"),
+        smn_min_threads=value(m_row.group(2)),
+        smn_fwd_bounds={e: bounds("smn_fwd_kernel", e) for e in (2, 4)},
+        smn_bwd_bounds={e: bounds("smn_bwd_kernel", e) for e in (2, 4)},
+        tome_match_threads=bounds("tome_match_kernel", 2)[0],
+        merge_threads=(value(m_merge.group(2)), value(m_merge.group(4))),
+    )
+
+
+def _cuda_launch(name: str, mangled: str, cfg: dict) -> tuple[int, int, int, str] | None:
     """(threads per block, dynamic shared bytes, blocks per SM the launcher assumes, label) at the
-    target shapes, as the csrc launchers compute them; None for instantiations the target never
-    launches (the scalar fallbacks, taken only for misaligned inputs)."""
+    target shapes, computed as the csrc launchers compute them from ``cfg`` (csrc_launch_config);
+    None for instantiations the target never launches (the scalar fallbacks, taken only for
+    misaligned inputs, and the row-width instances of other widths)."""
     vec = re.search(r"Li(\d+)E", mangled)
     vec = int(vec.group(1)) if vec else 0
+    elem = 2 if ("bfloat16" in name or "__half" in name) else 4
     if name.startswith("void fcot::smn_"):
         if vec == 1:
             return None
         nvec = TARGET_W // vec
         items = int(re.search(r"Li\d+ELi(\d+)E", mangled).group(1))
-        # Register-resident rows: ITEMS vectors per thread (csrc row_items), static scratch only.
+        # csrc row_items: the fewest vectors per thread that cover the row within the launch bound.
         want = 1
-        while want < 32 and -(-nvec // want) > 512:
+        while want < cfg["smn_max_items"] and -(-nvec // want) > cfg["smn_max_threads"]:
             want *= 2
         if items != want:
             return None  # an instantiation for other widths
-        threads = max(64, -(-(-(-nvec // items)) // 32) * 32)
-        if "smn_fwd" in name:
-            return threads, 0, 1, f"W={TARGET_W} items={items}"
-        per_sm = 2 if vec == 8 else 1  # csrc launch bounds / cuda/shuffle_merge_norm.py's grid
+        threads = max(cfg["smn_min_threads"], -(-(-(-nvec // items)) // 32) * 32)
+        # The launch bound's minimum blocks per SM: what the backward grid (cuda/shuffle_merge_norm.py)
+        # is sized for; the forward's grid is one block per row, so it assumes nothing.
+        per_sm = cfg["smn_bwd_bounds"][elem][1] if "smn_bwd" in name else 1
         return threads, 0, per_sm, f"W={TARGET_W} items={items}"
     if "tome_match" in name:
-        return 256, 0, 1, "tokens=1024 C=1024"
+        return cfg["tome_match_threads"], 0, 1, "tokens=1024 C=1024"
     if "tome_merge" in name or "tome_unmerge" in name:
-        return None if vec == 1 else (128, 0, 1, "C=1024")  # <T, 1>: the unaligned fallback
+        if vec == 1:
+            return None  # <T, 1>: the unaligned fallback
+        lo, hi = cfg["merge_threads"]
+        return min(hi, max(lo, -(-(1024 // vec) // 32) * 32)), 0, 1, "C=1024"
     return 0, 0, 1, ""
 
 
-def _sm90_cubins(tmp: str) -> tuple[list[str], str]:
+def _sm90_cubins(tmp: str, jobs: int) -> tuple[list[str], str]:
     """sm_90 cubins of csrc/: from the built extension when it holds them, else compiled with nvcc."""
     import glob
 
@@ -682,25 +825,35 @@ def _sm90_cubins(tmp: str) -> tuple[list[str], str]:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.path.exists(nvcc):
         return [], "no built extension with sm_90 code and no nvcc"
-    out = []
-    for cu in sorted(glob.glob(os.path.join(CSRC, "*.cu"))):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(cu: str) -> str:
+        # The flags CMakeLists.txt gives the extension's CUDA sources.
         dst = os.path.join(tmp, os.path.basename(cu).replace(".cu", ".sm_90.cubin"))
-        subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", "-arch=sm_90", "-lineinfo", "-o", dst, cu], check=True,
-                       capture_output=True)
-        out.append(dst)
+        subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", "-arch=sm_90", "--expt-relaxed-constexpr", "-lineinfo",
+                        "-Xptxas=-O3", "-o", dst, cu], check=True, capture_output=True)
+        return dst
+
+    # One TU per core (csrc/ is split into small TUs so that this parallelises).
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        out = list(pool.map(build, sorted(glob.glob(os.path.join(CSRC, "*.cu")))))
     return out, "nvcc -cubin -arch=sm_90"
 
 
 _SASS_GLOBAL = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
 
 
-def cuda_results() -> tuple[list[tuple[str, dict]], str]:
+def cuda_results(jobs: int = 1) -> tuple[list[tuple[str, dict]], str]:
     """One (name, result) per CUDA kernel instantiation of csrc/, read from its sm_90 SASS."""
     cuobjdump = os.path.join(BIN, "cuobjdump")
     results = []
+    try:
+        cfg = csrc_launch_config()
+    except CsrcParseError as err:
+        return [("csrc launch configuration", dict(error=str(err)))], "csrc/ sources"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            cubins, source = _sm90_cubins(tmp)
+            cubins, source = _sm90_cubins(tmp, jobs)
         except subprocess.CalledProcessError as err:
             return [("csrc", dict(error=f"nvcc failed: {err.stderr.decode()[-400:] if err.stderr else err}"))], "nvcc"
         for cubin in cubins:
@@ -710,7 +863,7 @@ def cuda_results() -> tuple[list[tuple[str, dict]], str]:
             for mangled, reg, stack, shared, local in re.findall(
                     r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage):
                 name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() or mangled
-                launch = _cuda_launch(name, mangled)
+                launch = _cuda_launch(name, mangled, cfg)
                 if launch is None:
                     continue
                 threads, dyn, assumed, label = launch
@@ -757,7 +910,8 @@ def _row(name: str, res: dict) -> str:
     why = "; ".join(f"{r}: {w}" for r, w in res["why"].items())
     spill = f"{res['spill_st']}/{res['spill_ld']}" if res["spill_st"] or res["spill_ld"] else "0"
     return (f"| {name} | {res['regs']} | {spill} | {res['shared'] / 1024:.1f} | {res['blocks']} (>= {res['assumed']}) "
-            f"| {res['vec']} B{' + ' + str(res['narrow']) + ' x 2 B' if res['narrow'] else ''} | {res['mma']} "
+            f"| {res['vec']} B{' + ' + str(res['narrow']) + ' x 2 B' if res['narrow'] else ''} | {res['mma']}"
+            f"{' (n >= ' + str(res['wgmma_n']) + ')' if res.get('wgmma_n') else ''} "
             f"| {res['async_copies']}{' (' + str(res['sync_operands']) + ' sync operands)' if res['sync_operands'] else ''} "
             f"| {verdict} | {why} |")
 
@@ -769,15 +923,27 @@ def table(results: list[tuple[str, dict]]) -> str:
     return "\n".join([head] + [_row(n, r) for n, r in results if "error" not in r])
 
 
+GPU_TRITON = "3.6"  # the GPU machine's Triton (../shared/GPU.md): its table has its own section
+
+
+def _markers() -> tuple[str, str]:
+    """The generated section for this Triton: the GPU machine's has its own, any other the default."""
+    if triton.__version__.startswith(GPU_TRITON + "."):
+        return (f"<!-- BEGIN GENERATED: tests/compile_triton_sm90.py --write-docs under Triton {GPU_TRITON}; do not edit by hand -->",
+                f"<!-- END GENERATED: tests/compile_triton_sm90.py under Triton {GPU_TRITON} -->")
+    return BEGIN, END
+
+
 def write_docs(text: str, check: bool) -> bool:
     """Replace the generated section of docs/kernels.md (or, with check, report whether it is current)."""
+    begin, end = _markers()
     with open(DOCS) as fh:
         doc = fh.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOCS}: the markers {BEGIN!r} / {END!r} are missing")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{text}\n{END}{tail}"
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOCS}: the markers {begin!r} / {end!r} are missing")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{text}\n{end}{tail}"
     if check:
         return new == doc
     with open(DOCS, "w") as fh:
@@ -808,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     named = [(name, res) for _, name, res in results]
     source = "skipped (--no-cuda)"
     if not args.no_cuda:
-        cuda, source = cuda_results()
+        cuda, source = cuda_results(args.jobs)
         named += cuda
     failed = ruled = 0
     for name, res in named:
@@ -819,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         line = (f"shared {res['shared'] / 1024:6.1f} KiB  regs {res['regs']:3d}  stack {res['stack']:5d}  "
                 f"spill {res['spill_st']}/{res['spill_ld']} B  w{res['warps']} s{res['stages']}  "
                 f"blocks/SM {res['blocks']}>={res['assumed']}  vec {res['vec']}B narrow {res['narrow']}  "
-                f"mma {res['mma']} async {res['async_copies']}  {res['seconds']:4.1f}s  {name}")
+                f"mma {res['mma']} async {res['async_copies']} wgmma-n {res.get('wgmma_n', 0)}  {res['seconds']:4.1f}s  {name}")
         unexplained = [r for r in res["broken"] if r not in res["why"]]
         if res["shared"] > H100_SMEM:
             failed += 1
@@ -833,7 +999,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok    {line}")
     # A partial run (--filter, --no-cuda) cannot tell a stale ALLOW entry from an unchecked kernel.
     full_run = not args.filter and not args.no_cuda
-    unused = [k for k in ALLOW if not any(k[0] in n and k[1] in r.get("broken", ()) for n, r in named)] if full_run else []
+    unused = [k for k in ALLOW if _allow_applies(k)
+              and not any(k[0] in n and k[1] in r.get("broken", ()) for n, r in named)] if full_run else []
     text = (f"{len(named)} kernels/configurations (Triton {triton.__version__}, sm_90; CUDA C++ from {source}): "
             f"{failed} failed to compile or fit, {ruled} break a performance rule without a reason in ALLOW.\n\n"
             + table(named))

@@ -30,6 +30,12 @@ def _impl(backend: str):
     return importlib.import_module(f"fcot_kernels.{backend}.tome_merge")
 
 
+def _scaled_for(backend: str, metric: torch.Tensor) -> torch.Tensor:
+    """The metric as ``backend``'s match takes it: the Triton match scales the rows itself
+    (in-kernel, one pass); the CUDA one takes them already scaled by ``unit_scale_rows``."""
+    return metric if backend == "triton" else unit_scale_rows(metric)
+
+
 def _plan(score: torch.Tensor, index: torch.Tensor, r: int, tokens: int, protected: int):
     """``(source (B, T), order (B, T), offsets (B, T-r+1))``, all int64: each token's output
     index, the tokens grouped by output index (original order within a group), group starts."""
@@ -168,7 +174,7 @@ def tome_match(
     name = resolve("tome_match", backend, metric, has_cuda=True)
     if name == "reference":
         return tome_match_ref(metric.detach(), protected=protected)
-    return _tome_match(unit_scale_rows(metric.detach()), protected, name)
+    return _tome_match(_scaled_for(name, metric.detach()), protected, name)
 
 
 def tome_merge(
@@ -237,5 +243,5 @@ def tome_merge(
         return tome_merge_ref(x, r=r, metric=metric, size=size, protected=protected)
     size = size.detach().to(torch.float32).contiguous()
     # The kernels match on the exactly rescaled rows (see tome_match); r == 0 never reads them.
-    metric = unit_scale_rows(metric.detach()) if r > 0 else metric.detach()
+    metric = _scaled_for(name, metric.detach()) if r > 0 else metric.detach()
     return _tome_merge_fwd(x, metric, size, r, protected, name)

@@ -73,6 +73,7 @@ def _gather_cols(
     R: tl.constexpr,
     MW: tl.constexpr,
     SEG_BLOCKS: tl.constexpr,
+    U_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # x offsets of U's columns. When a block never crosses a channel segment (C a multiple of
@@ -80,9 +81,35 @@ def _gather_cols(
     # contiguity, so the loads/stores are 16-byte vectors and cp.async can pipeline them.
     # Otherwise every column divides by the runtime C and W (2-byte accesses).
     if SEG_BLOCKS:
-        return _u_col_off(col0, C, W, grid_w, stride_n, stride_c, R, MW) + tl.arange(0, BLOCK).to(tl.int64) * stride_c
+        off = _u_col_off(col0, C, W, grid_w, stride_n, stride_c, R, MW)
+        if U_ALIGN > 1:
+            # The launcher checked stride_c == 1 and that C, stride_n and x's address are
+            # 16-byte multiples: say so, as the divides above hide it from the compiler
+            # (Triton 3.6 then falls back to 2-byte loads and no cp.async).
+            off = tl.multiple_of(off, U_ALIGN) + tl.arange(0, BLOCK).to(tl.int64)
+            return tl.max_contiguous(tl.multiple_of(off, U_ALIGN), BLOCK)
+        return off + tl.arange(0, BLOCK).to(tl.int64) * stride_c
     else:
         return _u_col_off(cols, C, W, grid_w, stride_n, stride_c, R, MW)
+
+
+@triton.jit
+def _gather_rows(
+    rows,  # (BLOCK,) int64 output tokens (rows of U)
+    tokens_out,
+    out_w,
+    grid_w,
+    stride_t,
+    stride_n,
+    R: tl.constexpr,
+    MH: tl.constexpr,
+    MW: tl.constexpr,
+    U_ALIGN: tl.constexpr,
+):
+    off = _u_row_off(rows, tokens_out, out_w, grid_w, stride_t, stride_n, R, MH, MW)
+    if U_ALIGN > 1:
+        off = tl.multiple_of(off, U_ALIGN)  # stride_t, stride_n 16-byte multiples (launcher-checked)
+    return off
 
 
 @triton.jit
@@ -122,6 +149,7 @@ def _gemm_kernel(
     STORE_PRE: tl.constexpr,
     DOT_F32: tl.constexpr,  # fp32 dot (IEEE, not TF32): fp32 operands, or the interpreter
     SEG_BLOCKS: tl.constexpr,  # C % BLOCK_K == C % BLOCK_N == 0: a block of U's columns lies in one segment
+    U_ALIGN: tl.constexpr,  # > 1: U's offsets are multiples of this many elements (16 B); 1: unknown
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -141,11 +169,11 @@ def _gemm_kernel(
     mask_m = rm < M
     mask_n = rn < N
     if A_GATHER:
-        a_row = _u_row_off(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW)
+        a_row = _gather_rows(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW, U_ALIGN)
     else:
         a_row = rm * stride_am
     if B_GATHER:
-        b_col = _gather_cols(pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_N)
+        b_col = _gather_cols(pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, U_ALIGN, BLOCK_N)
     else:
         b_col = rn * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -154,11 +182,11 @@ def _gemm_kernel(
         mask_k = rk < K
         # The gather is the GEMM's prologue: U's addresses are a row part plus a column part.
         if A_GATHER:
-            a_col = _gather_cols(k0, rk, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_K)
+            a_col = _gather_cols(k0, rk, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, U_ALIGN, BLOCK_K)
         else:
             a_col = rk.to(tl.int64) * stride_ak
         if B_GATHER:
-            b_row = _u_row_off(rk.to(tl.int64), tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW)
+            b_row = _gather_rows(rk.to(tl.int64), tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW, U_ALIGN)
         else:
             b_row = rk.to(tl.int64) * stride_bk
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -181,8 +209,8 @@ def _gemm_kernel(
             tl.store(pre_ptr + rm[:, None] * N + rn[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask)
         acc = _act(acc, ACT)
     if C_SCATTER:
-        c_off = _u_row_off(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW)[:, None] + _gather_cols(
-            pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, BLOCK_N
+        c_off = _gather_rows(rm, tokens_out, out_w, grid_w, stride_ut, stride_un, R, MH, MW, U_ALIGN)[:, None] + _gather_cols(
+            pid_n * BLOCK_N, rn, C, W, grid_w, stride_un, stride_uc, R, MW, SEG_BLOCKS, U_ALIGN, BLOCK_N
         )[None, :]
     else:
         c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -192,7 +220,7 @@ def _gemm_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
+def _gemm_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
     if (device.type != "cuda" or triton_interpreter()) and not forced_gpu_configs():
         # Interpreter: big blocks mean fewer interpreted steps (numpy does the tile math);
         # 16 is tl.dot's minimum.
@@ -200,9 +228,38 @@ def _gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
         bn = min(256, max(16, triton.next_power_of_2(N)))
         bk = min(256, max(16, triton.next_power_of_2(K)))
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4)
+    if dtype == torch.float32:
+        # fp32 is the exact (IEEE, CUDA-core FMA) path the tests compare with, not a speed
+        # target: 64 x 64 tiles keep the FMA operands and the accumulator in registers
+        # (128 x 128 spilled 12-5564 B under Triton 3.6).
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
     if M <= 64 or N <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def gemm_blocks_per_sm(dtype: torch.dtype, act_epilogue: bool) -> int:
+    """Programs per H100 SM that ``_gemm_config``'s tiles are sized for (checked against the
+    compiled kernel by ``tests/compile_triton_sm90.py``). The conv GEMMs (gathered/scattered U,
+    16-bit): 128 x 128 x 64 at 3 stages is 96 KiB of shared memory and <= 128 registers at
+    8 warps, so two programs share an SM and one's prologue/epilogue overlaps the other's main
+    loop. The GELU epilogues (erf/exp on the 128 x 128 fp32 tile) need more registers: 1.
+    fp32 (the exact CUDA-core path the tests use) is not a speed target: 1."""
+    return 1 if dtype == torch.float32 or act_epilogue else 2
+
+
+def _u_align(u: torch.Tensor | None, strides: tuple[int, int, int], geom: ShuffleGeometry) -> int:
+    """Elements per 16 bytes when every offset of the gathered/scattered U is provably a
+    16-byte multiple (unit channel stride; C, the token and tile strides and the address
+    16-byte multiples), else 1: the kernel's alignment hints are only given when they are true
+    (an unaligned x, e.g. a view at an odd offset, keeps the plain path and stays correct)."""
+    if u is None:
+        return 1
+    vec = 16 // u.element_size()
+    stride_t, stride_n, stride_c = strides
+    aligned = (stride_c == 1 and stride_n % vec == 0 and stride_t % vec == 0 and geom.channels % vec == 0
+               and u.data_ptr() % 16 == 0)
+    return vec if aligned else 1
 
 
 def gemm(
@@ -249,8 +306,10 @@ def gemm(
     else:
         mh = mw = r = 1
         g = (1, 1, 1, 1, 1)
-    cfg = _gemm_config(M, N, K, out.device)
+    cfg = _gemm_config(M, N, K, out.device, dtype_src.dtype)
     seg_blocks = geom is not None and geom.channels % cfg["BLOCK_K"] == 0 and geom.channels % cfg["BLOCK_N"] == 0
+    u_tensor = x if gather is not None else (out if scatter else None)
+    u_align = _u_align(u_tensor, us, geom) if seg_blocks else 1
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     with _alloc.device_guard(a):
         _gemm_kernel[grid](
@@ -263,7 +322,7 @@ def gemm(
             A_GATHER=gather == "a", B_GATHER=gather == "b", C_SCATTER=scatter,
             HAS_BIAS=bias is not None, ACT=act, ACT_GRAD=act_grad_of is not None, STORE_PRE=pre is not None,
             DOT_F32=dtype_src.dtype == torch.float32 or triton_interpreter(),
-            SEG_BLOCKS=seg_blocks,
+            SEG_BLOCKS=seg_blocks, U_ALIGN=u_align,
             **cfg,
         )
     return out

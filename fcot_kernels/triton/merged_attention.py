@@ -10,7 +10,10 @@ in the same base, fp32, one value per (query head, packed query row).
 Backward (recompute, no stored P): ``delta = rowsum(dO * O)``; a dK/dV kernel where one program
 owns BLOCK_N keys of one KV head and loops over the query heads of its group (the GQA
 reduction happens in registers: deterministic, no atomics), also producing the gradient of the
-bias; and a dQ kernel where one program owns BLOCK_M query rows.
+bias; it works on transposed (keys x rows) tiles so every dot runs on wgmma, and the key bias,
+the key-end mask and the causal split (only diagonal blocks masked) are decided once per
+program, outside the loop. A dQ kernel where one program owns BLOCK_M query rows masks only the
+diagonal and ragged key blocks, as the forward does.
 
 Importance: one program owns BLOCK_N keys of one sequence and sums, over every query head and
 every requested row, ``P = exp2(s - lse2)`` recomputed from the forward's ``lse2``: the same
@@ -234,6 +237,44 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, dbias,  # (BLOCK_N, BLOCK_D) fp32 accumulators, (BLOCK_N,) fp32
+    k, v,  # (BLOCK_N, BLOCK_D) this program's keys and values
+    key_term,  # (BLOCK_N,) fp32: base-2 bias of each key, -inf past the end (hoisted)
+    q_base, do_base, lse_ptr, delta_ptr, stat_base,
+    m0,
+    mid,  # causal: query blocks from here on see every key of the program (no mask)
+    offs_m, offs_d, d_ok, cols, len_q, diag, qk_scale, stride_qm, stride_dom,
+    BIAS_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = m0 + offs_m
+    row_ok = rows < len_q
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    # Rows past the end read lse = +inf, so their P is exactly 0 without a row mask.
+    lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
+    # Transposed (keys x rows), as the importance kernel: every dot's M is BLOCK_N keys, so all
+    # four compile to wgmma whatever BLOCK_M is, and P^T / dS^T feed the dK/dV dots from
+    # registers without a transpose.
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + key_term[:, None]
+    if CAUSAL:
+        if m0 < mid:  # the diagonal blocks only
+            st = tl.where(cols[:, None] <= rows[None, :] + diag, st, float("-inf"))
+    pt = tl.math.exp2(st - lse[None, :])  # (BLOCK_N, BLOCK_M); 0 where masked
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])  # gradient of the natural-base logits
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    if BIAS_GRAD:
+        dbias += tl.sum(dst, axis=1)
+    return dk, dv, dbias
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     q_ptr,  # (B, L_q, H_q, D) or (total_q, H_q, D)
     k_ptr,  # (B, L_k, H_kv, D) or (total_k, H_kv, D)
@@ -292,14 +333,23 @@ def _bwd_dkdv_kernel(
     bias_base = bias_ptr + b64 * stride_bias_b + k_off
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    # The key-only part of the logits, once per program instead of once per query block: the
+    # base-2 bias, and -inf for keys past the end (so no key mask inside the loop).
+    key_term = tl.where(col_ok, 0.0, float("-inf"))
+    if HAS_BIAS:
+        key_term += tl.load(bias_base + cols, mask=col_ok, other=0.0) * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
     diag = len_k - len_q
     lo = 0
+    mid = 0
     if CAUSAL:
         # The first query row that sees key n0 is n0 - diag; earlier query blocks are skipped.
         lo = tl.maximum(0, n0 - diag) // BLOCK_M * BLOCK_M
+        # Query blocks from `mid` on see every key of this block (row m0 >= last key - diag):
+        # only [lo, mid), the diagonal, pays for the causal mask.
+        mid = tl.maximum(lo, tl.cdiv(tl.maximum(0, n0 + BLOCK_N - 1 - diag), BLOCK_M) * BLOCK_M)
     # GQA: every query head of this KV head's group adds into the same dK/dV registers.
     for g in range(group):
         h = hk * group + g
@@ -307,21 +357,9 @@ def _bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + q_off.to(tl.int64) * stride_dom + h * stride_doh
         stat_base = h.to(tl.int64) * total_q + q_row0
         for m0 in range(lo, len_q, BLOCK_M):
-            rows = m0 + offs_m
-            row_ok = rows < len_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
-            s = _logits(q, k, bias_base, rows, cols, row_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
-            p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N); 0 where masked
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])  # gradient of the natural-base logits
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            if BIAS_GRAD:
-                dbias += tl.sum(ds, axis=0)
+            dk, dv, dbias = _dkdv_step(dk, dv, dbias, k, v, key_term, q_base, do_base, lse_ptr, delta_ptr, stat_base,
+                                       m0, mid, offs_m, offs_d, d_ok, cols, len_q, diag, qk_scale, stride_qm, stride_dom,
+                                       BIAS_GRAD, CAUSAL, PRECISION)
     dk_base = dk_ptr + b64 * stride_dkb + k_off.to(tl.int64) * stride_dkn + hk * stride_dkh
     dv_base = dv_ptr + b64 * stride_dkb + k_off.to(tl.int64) * stride_dkn + hk * stride_dkh
     offs = cols[:, None] * stride_dkn + offs_d[None, :]
@@ -396,12 +434,26 @@ def _bwd_dq_kernel(
     hi = len_k
     if CAUSAL:
         hi = tl.minimum(len_k, m0 + BLOCK_M + diag)
+    # Key blocks [0, full) need no mask (every key exists and, causal, is visible to every row
+    # of this block): only the diagonal and the ragged end pay for the 2-D mask. Rows past the
+    # end read lse = +inf, so their P is 0 without a row mask.
+    full = (len_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full = tl.minimum(full, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + offs_n
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+        col_ok = cols < len_k
+        kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _logits(q, k, bias_base, rows, cols, row_ok, len_k, diag, qk_scale, HAS_BIAS, CAUSAL, PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_base + cols, mask=col_ok, other=0.0)[None, :] * 1.4426950408889634
+        if n0 >= full:
+            valid = col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + diag)
+            s = tl.where(valid, s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -523,14 +575,15 @@ def _config(kind: str, geom: AttnGeometry, dtype: torch.dtype) -> dict:
         block_n = 64 if geom.varlen else 128
         return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=8, num_stages=2 if wide else 3)
     if kind == "dkdv":
-        # dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32) live in registers for the whole loop.
-        # d = 64: 64 x 64 blocks compile every dot to wgmma without spills. d = 96/128: at
-        # BLOCK_M = 64 (wgmma) ptxas spills ~160 B (tests/compile_triton_sm90.py), so these keep
-        # BLOCK_M = 32, whose q/do dots are mma.sync (M = 32 < 64); a GPU measurement decides.
-        if not wide:
-            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
+        # dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32) live in registers for the whole
+        # loop. The step computes the logits transposed (keys x rows), so each dot's M is the
+        # keys: wgmma at any BLOCK_M. d > 64: 128 keys x 32 query rows, 234-254 registers
+        # without spills under Triton 3.6 and 3.9 (64 x 64 spilled 4-24 B; 64 keys x 32 rows
+        # split the S/dP dots over the two warpgroups as m64n16). d = 64: 64 keys, 4 warps.
+        return dict(BLOCK_M=32, BLOCK_N=128 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
+    # dQ: 128 query rows x 64 keys (wgmma m64n64 for S/dP, m64n128 for dQ at d = 128; the
+    # 64 x 32 tiles before ran n = 32/16 instructions), 210-228 registers, no spills.
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:

@@ -208,6 +208,7 @@ def _merge_ln_bwd_kernel(
     COMPUTE_DX: tl.constexpr,
     COMPUTE_DMW: tl.constexpr,
     COMPUTE_DMB: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load row i+1's x and dy while row i is reduced (avg merge)
 ):
     pid = tl.program_id(0)
     seg = tl.arange(0, R2P)
@@ -220,13 +221,31 @@ def _merge_ln_bwd_kernel(
     dmb = tl.zeros((R2P, BLOCK_C), dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
+    if PREFETCH:
+        # The first row's inputs; each iteration then issues the next row's loads before it
+        # reduces its own, so at one 16-warp program per SM the HBM latency overlaps compute.
+        # (The launcher gives every program at least one row.)
+        first = _u_row_off(start, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
+        acc_n = _merged_row(x_ptr, mw_ptr, mb_ptr, first, seg, c, mask, C, grid_w, stride_xn, stride_xc,
+                            R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
+        dy_n = tl.load(dh_ptr + start * width + ch, mask=mask, other=0.0).to(tl.float32)
     for row in range(start, end):
         base = _u_row_off(row, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
-        acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, seg, c, mask, C, grid_w, stride_xn, stride_xc,
-                          R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
+        if PREFETCH:
+            acc = acc_n
+            dy = dy_n
+            # The last iteration re-reads its own row (in bounds, unused): cheaper than a mask.
+            nxt = tl.minimum(row + 1, end - 1)
+            nbase = _u_row_off(nxt, tokens_out, out_w, grid_w, stride_xt, stride_xn, R, MH, MW)
+            acc_n = _merged_row(x_ptr, mw_ptr, mb_ptr, nbase, seg, c, mask, C, grid_w, stride_xn,
+                                stride_xc, R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
+            dy_n = tl.load(dh_ptr + nxt * width + ch, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = _merged_row(x_ptr, mw_ptr, mb_ptr, base, seg, c, mask, C, grid_w, stride_xn, stride_xc,
+                              R, R2P, MH, MW, MODE, HAS_MB, BLOCK_C)
+            dy = tl.load(dh_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.where(mask, (acc - tl.load(mean_ptr + row)) * rstd, 0.0)
-        dy = tl.load(dh_ptr + row * width + ch, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
         if COMPUTE_DX or COMPUTE_DMW or COMPUTE_DMB:
@@ -287,6 +306,17 @@ def bwd_programs_per_sm(geom: ShuffleGeometry) -> int:
     when its register count is <= 128 at 8 warps (65536 registers / 256 threads / 2).
     ``tests/compile_triton_sm90.py`` checks the compiled kernel against this number."""
     return 2 if _ln_meta(geom, backward=True)["num_warps"] <= 8 else 1
+
+
+def bwd_prefetch(geom: ShuffleGeometry, dwconv: bool) -> bool:
+    """Whether the backward prefetches the next row (``PREFETCH``). The avg merge
+    (shuffle_merge_norm, the conv path's LayerNorm) at the ViT-300M width (W = 4096: 8 fp32
+    values per thread per row tile at 16 warps) runs one program per SM at 94-101 registers:
+    the next row's merged x and dy fit under the 128 a 16-warp block may use (106-116 compiled),
+    so their loads overlap this row's reductions. Wider rows (W = 12800: 32 values) already
+    spill, and the dwconv backward with its merge-weight gradients is at 128 registers: no room."""
+    meta = _ln_meta(geom, backward=True)
+    return not dwconv and meta["BLOCK_C"] * meta["R2P"] <= 8 * 32 * meta["num_warps"]
 
 
 H100_SMS = 132
@@ -376,6 +406,7 @@ def merge_ln_backward(
             MODE=MODE_DWCONV if merge_weight is not None else MODE_AVG,
             HAS_MB=merge_bias is not None,
             COMPUTE_DX=compute_dx, COMPUTE_DMW=compute_dmw, COMPUTE_DMB=compute_dmb,
+            PREFETCH=bwd_prefetch(geom, merge_weight is not None),
             **_ln_meta(geom, backward=True),
         )
     return (

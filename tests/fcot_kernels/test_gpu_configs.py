@@ -95,6 +95,33 @@ def test_compress_project(dtype, mode):
     _compare(fn, (x, *tensors), dtype, scale=4.0)
 
 
+def test_compress_project_unaligned_x_takes_the_unhinted_path():
+    # x at a 2-byte offset (a view into a larger buffer): the launcher must not promise the
+    # compiler 16-byte alignment (compress_project._u_align), and the result is still right.
+    from fcot_kernels._validation import ShuffleGeometry
+    from fcot_kernels.triton import compress_project
+
+    c, width, hidden, merge = 128, 512, 64, 2
+    geom = ShuffleGeometry(2, 8, 8, c, 2, merge)
+    x = torch.randn(2, 64, c, device=DEVICE).half()
+    shifted = torch.cat([x.new_zeros(1), x.flatten()])[1:].view_as(x)
+    assert compress_project._u_align(x, x.stride(), geom) == 8
+    assert compress_project._u_align(shifted, shifted.stride(), geom) == 1
+    assert compress_project._u_align(x.transpose(1, 2).contiguous().transpose(1, 2), (64 * c, 1, 64), geom) == 1
+    p = dict(merge_weight=torch.randn(width, merge * width) / (merge * width) ** 0.5, merge_bias=0.1 * torch.randn(width),
+             ln_weight=1 + 0.2 * torch.randn(width), ln_bias=0.2 * torch.randn(width),
+             w1=torch.randn(hidden, width) / width**0.5, b1=0.2 * torch.randn(hidden),
+             w2=torch.randn(80, hidden) / hidden**0.5, b2=0.2 * torch.randn(80))
+    names = list(p)
+
+    def fn(be, x, *ws):
+        view = torch.cat([x.new_zeros(1), x.flatten()])[1:].view_as(x)  # storage offset 1 element
+        return fk.compress_project(view, grid=(8, 8), merge=merge, mode="conv", backend=be, **dict(zip(names, ws)))
+
+    _compare(fn, (x.float().requires_grad_(), *[t.to(DEVICE).requires_grad_() for t in p.values()]), torch.float16,
+             scale=4.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("varlen", [False, True])
 def test_merged_attention(dtype, varlen):

@@ -409,3 +409,22 @@ def test_every_tensor_argument_in_every_layout(backend, arg, layout):
     assert torch.equal(res[backend][3], ref[3]), "scores differ"
     for got, want, what in zip(res[backend], ref, ("merged", "merged_size", "source", "score", "index", "dx")):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_power_of_two_scales_change_nothing(backend, dtype):
+    # Each row scaled by its own power of two from 2**-120 to 2**120 (the Triton match finds
+    # each row's scale in-kernel; the CUDA one gets unit_scale_rows' copy): cosine similarity is
+    # per-row scale invariant and the scaling exact, so matches and scores equal the unscaled
+    # integer metric's bit for bit. Includes an all-zero row (scores 0 against everything).
+    _backend(backend)
+    metric = _int_metric(2, 41, 24, dtype=torch.float32)
+    metric[1, 5] = 0
+    powers = torch.randint(-120, 121, (2, 41, 1), device=DEVICE).float()
+    scaled = (metric * torch.exp2(powers)).to(dtype)
+    assert torch.equal(scaled.float() * torch.exp2(-powers), metric)  # exactly representable
+    score0, index0 = tome_match_ref(metric, protected=1)
+    score, index = fk.tome_match(scaled, protected=1, backend=backend)
+    assert torch.equal(index, index0)
+    torch.testing.assert_close(score, score0, atol=0, rtol=0)
