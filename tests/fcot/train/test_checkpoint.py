@@ -20,7 +20,6 @@ import torch
 pytest.importorskip("transformers")
 
 import fcot  # noqa: E402
-from fcot.data.synth import SynthConfig, synthesize  # noqa: E402
 from fcot.train import checkpoint as ck  # noqa: E402
 from fcot.train.checkpoint import (MANIFEST, CheckpointError, DiskFullError, FolderLock, RunLockedError,  # noqa: E402
                                    check_run, lock_path, read_metrics, verify_checkpoint, write_manifest)
@@ -28,14 +27,6 @@ from fcot.train.config import build_config  # noqa: E402
 from fcot.train.distill import run_distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("synth") / "d"
-    synthesize(out, SynthConfig(n=4, seed=0, width=448, height=448, font_size=24, density=0.3, qa_per_image=1),
-               progress=False)
-    return str(out / "data.jsonl")
 
 
 def _cfg(data, out, seed=None, **training):

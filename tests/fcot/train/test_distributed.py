@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 import fcot  # noqa: E402
 from fcot.cli import main  # noqa: E402
-from fcot.data.synth import SynthConfig, synthesize  # noqa: E402
+from tests.fcot.train.conftest import synth_jsonl  # noqa: E402
 from fcot.train.checkpoint import read_metrics  # noqa: E402
 from fcot.train.config import ConfigError, build_config  # noqa: E402
 from fcot.train.trainer import build_trainer  # noqa: E402
@@ -51,10 +51,7 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("synth") / "d"
-    synthesize(out, SynthConfig(n=8, seed=1, width=128, height=128, font_size=18, density=0.3, qa_per_image=1),
-               progress=False)
-    return str(out / "data.jsonl")
+    return synth_jsonl(tmp_path_factory, n=8, seed=1, size=128, font_size=18)
 
 
 def _argv(stage, data, out, batch, *extra):

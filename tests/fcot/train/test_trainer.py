@@ -10,7 +10,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from fcot.data.synth import SynthConfig, synthesize  # noqa: E402
+from tests.fcot.train.conftest import synth_jsonl  # noqa: E402
 from fcot.models.tiny import build_tiny  # noqa: E402
 from fcot.train.checkpoint import read_metrics  # noqa: E402
 from fcot.train.config import build_config  # noqa: E402
@@ -23,10 +23,7 @@ from fcot.train.trainer import build_trainer, run  # noqa: E402
 def data16(tmp_path_factory) -> str:
     """16 records whose answers differ in length, so per-micro-batch token means differ from the
     batch's: a mean of means cannot pass for the batch mean."""
-    out = tmp_path_factory.mktemp("synth16") / "d"
-    synthesize(out, SynthConfig(n=16, seed=1, width=128, height=128, font_size=18, density=0.3, qa_per_image=1),
-               progress=False)
-    return str(out / "data.jsonl")
+    return synth_jsonl(tmp_path_factory, n=16, seed=1, size=128, font_size=18)
 
 
 def _cfg(stage, data, out, *, training=None, section=None, **common):

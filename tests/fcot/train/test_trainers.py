@@ -16,21 +16,12 @@ import torch
 pytest.importorskip("transformers")
 
 import fcot  # noqa: E402
-from fcot.data.synth import SynthConfig, synthesize  # noqa: E402
 from fcot.train.config import ConfigError, build_config  # noqa: E402
 from fcot.train.distill import build_distill_trainer, distill_loss, run_distill  # noqa: E402
 from fcot.train.engine import read_metrics  # noqa: E402
 from fcot.train.posttrain import run_posttrain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("synth") / "d"
-    synthesize(out, SynthConfig(n=4, seed=0, width=448, height=448, font_size=24, density=0.3, qa_per_image=1),
-               progress=False)
-    return str(out / "data.jsonl")
 
 
 def _cfg(stage, data, out, *, training=None, section=None, **common):
