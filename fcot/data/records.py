@@ -431,20 +431,3 @@ class ConversationCollator:
         if pixels:
             out["pixel_values"] = torch.cat(pixels)
         return out
-
-
-def make_tiler(family: str, image_processor=None, tile_size: int | None = None) -> Tiler:
-    """The tiler for a model family (a ``model_type``: ``"internvl"``, ``"internvl_chat"``, or
-    any family registered in :mod:`fcot.models`); see the family's ``tiler``.
-
-    ``image_processor`` (native family only) is the checkpoint's own, e.g.
-    ``AutoProcessor.from_pretrained(ckpt).image_processor``; without it one is built in code.
-    ``tile_size`` defaults to 448, or to the given image processor's size.
-    """
-    from fcot.models import get_family  # the registry sits above the data layer
-
-    try:
-        fam = get_family(family)
-    except ValueError as e:
-        raise ValueError(f"family={family!r}: {e}") from None
-    return fam.tiler(None, image_processor, tile_size)

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from .base import FcotError, FcotOptions, FcotProjector, Patch
-from .family import FAMILIES, ChatFormat, FamilyParts, Loaded, ModelFamily, dtype_kwarg, get_family, register_family
+from .family import FAMILIES, ChatFormat, FamilyParts, Loaded, ModelFamily, dtype_kwarg, get_family, make_tiler, register_family
 
 _SHARED = {"attention", "autoload", "base", "family", "tiny"}  # helpers, not families
 
@@ -21,4 +21,4 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         register_family(_family)
 
 __all__ = ["FAMILIES", "ChatFormat", "FamilyParts", "FcotError", "FcotOptions", "FcotProjector", "Loaded", "ModelFamily",
-           "Patch", "dtype_kwarg", "get_family", "register_family"]
+           "Patch", "dtype_kwarg", "get_family", "make_tiler", "register_family"]

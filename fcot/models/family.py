@@ -208,6 +208,21 @@ def get_family(obj: Any) -> ModelFamily:
     return family
 
 
+def make_tiler(family: Any, image_processor: Any = None, tile_size: int | None = None):
+    """The tiler of a model family (anything :func:`get_family` takes: a ``model_type`` such as
+    ``"internvl"`` / ``"internvl_chat"``, a config or a model); see :meth:`ModelFamily.tiler`.
+
+    ``image_processor`` (native family only) is the checkpoint's own, e.g.
+    ``AutoProcessor.from_pretrained(ckpt).image_processor``; without it one is built in code.
+    ``tile_size`` defaults to 448, or to the given image processor's size.
+    """
+    try:
+        fam = get_family(family)
+    except ValueError as e:
+        raise ValueError(f"family={family!r}: {e}") from None
+    return fam.tiler(None, image_processor, tile_size)
+
+
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained``'s dtype argument for the installed transformers: ``dtype=`` from 4.56
     on, ``torch_dtype=`` before (4.x before 4.56 rejects ``dtype=``)."""

@@ -82,7 +82,8 @@ def test_unreadable_images_name_the_file(tmp_path):
 
 def test_training_skips_and_counts_images_over_the_cap(tmp_path):
     pytest.importorskip("transformers")
-    from fcot.data.records import ConversationDataset, make_tiler
+    from fcot.data.records import ConversationDataset
+    from fcot.models import make_tiler
     from tests.fcot.tiny import tiny_tokenizer
 
     _png(tmp_path / "ok.png", (64, 64))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fcot.data.records import (IGNORE_INDEX, ConversationCollator, ConversationDataset, NoUsableRecordsError,
-                               make_tiler)
+from fcot.data.records import IGNORE_INDEX, ConversationCollator, ConversationDataset, NoUsableRecordsError
 from fcot.data.tiling import num_tiles
+from fcot.models import make_tiler
 from tests.fcot.tiny import tiny_tokenizer
 
 pytest.importorskip("transformers")

@@ -64,7 +64,8 @@ def test_dense_preset_carries_more_text_per_token_than_sparse():
 
 
 def test_synth_output_loads_as_a_dataset(tmp_path):
-    from fcot.data.records import ConversationDataset, make_tiler
+    from fcot.data.records import ConversationDataset
+    from fcot.models import make_tiler
     from tests.fcot.tiny import tiny_tokenizer
 
     synthesize(tmp_path / "out", SynthConfig(n=4, seed=2, width=600, height=300, font_size=9))
