@@ -99,3 +99,47 @@ def ideal_prefill_speedup(model: str, tiles: int, ratio: float, text: int = PROM
     """FLOPs of the unpatched prefill over those at ``ratio``: the speed-up a compressor could reach
     if time followed FLOPs (the ViT runs in both; only the LLM's tokens shrink)."""
     return sum(prefill_flops(model, tiles, text).values()) / sum(prefill_flops(model, tiles, text, ratio).values())
+
+
+CEILINGS = {"H100": {"copy": 3.0e12, "matmul": 798e12}, "H200": {"copy": 4.3e12, "matmul": 780e12}}
+"""Measured ceilings of the project's GPU machines (../shared/MODELS.md): device copy bandwidth
+(bytes read + written per second) and the bf16 8192^3 matmul rate (FLOP/s; H200: the middle of
+769-798). Only the ideal-ratio targets use them; every benchmark row uses the ceilings its own run
+measured."""
+
+
+def compress_project_traffic(model: str, tiles: int, merge: int = 2, itemsize: int = 2) -> dict[str, float]:
+    """The conv compressor + projector, forward and backward, on ``tiles`` tiles of ``model``
+    (``merge`` shuffled tokens merged into one), as what both eager and fcot must do and what
+    only eager does, from the model table alone (docs/perf-notes.md, issue 18):
+
+    - ``flops``: the matmuls, run unchanged on both sides: conv (merge * W -> W), the projector's
+      two linears (W -> h, h -> h); backward twice the forward;
+    - ``common_bytes``: the LayerNorm over the W-wide merged rows, forward (read + write) and
+      backward (read x and dy, write dx), which both sides run;
+    - ``eager_extra_bytes``: what fusion removes: the pixel shuffle's two permute copies of the
+      ViT tokens (forward, and again for dx), the conv weight's permute copy (forward, and for its
+      gradient), GELU as its own pass (read + write) and its backward (read two, write one).
+    """
+    spec = MODELS[model]
+    w, h = spec.proj_in, spec.llm_hidden
+    rows = tiles * TILE_GRID[0] * TILE_GRID[1] // 4 // merge
+    x = tiles * TILE_GRID[0] * TILE_GRID[1] * spec.vit_hidden * itemsize  # the ViT tokens
+    weight = merge * w * w * itemsize
+    forward = 2 * rows * (merge * w * w + w * h + h * h)
+    return {
+        "flops": float(3 * forward),
+        "common_bytes": float(5 * rows * w * itemsize),
+        "eager_extra_bytes": float(2 * 2 * x + 2 * weight + 2 * rows * h * itemsize  # forward
+                                   + 2 * 2 * x + 2 * weight + 3 * rows * h * itemsize),  # backward
+    }
+
+
+def ideal_compress_project_speedup(model: str, tiles: int, merge: int = 2, device: str = "H200") -> float:
+    """Eager's time over the fused op's if both ran their matmuls at the device's measured matmul
+    rate and their bytes at its copy bandwidth (:data:`CEILINGS`): the most fusing the passes
+    around the GEMMs can give, since the GEMMs themselves are the same on both sides."""
+    t = compress_project_traffic(model, tiles, merge)
+    ceil = CEILINGS[device]
+    gemm, common = t["flops"] / ceil["matmul"], t["common_bytes"] / ceil["copy"]
+    return (gemm + common + t["eager_extra_bytes"] / ceil["copy"]) / (gemm + common)

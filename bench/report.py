@@ -202,9 +202,11 @@ def targets_table(runs: list[Run]) -> list[str]:
                      "`bash bench/gpu_suite.sh OUT COMMIT` on a GPU, then `fcot bench report` fills them in.")
     else:
         lines.append(f"Evaluated on the newest GPU run, `{_rel(newest.path, REPO)}` ({newest.label}).")
-    lines += ["", "FLOP-ideal: the speed-up if time followed matmul FLOPs, computed from the model's shapes "
-              "(bench/models.py `ideal_prefill_speedup`; docs/perf-notes.md); the prefill targets are a fraction of it.",
-              "", "| issue | target | case | required | FLOP-ideal | measured | measured / ideal | met | device | commit |",
+    lines += ["", "ideal: where arithmetic bounds a target, the best ratio the model's shapes allow, and the target "
+              "is a fraction of it (docs/perf-notes.md): FLOP-ideal, the speed-up if time followed matmul FLOPs "
+              "(bench/models.py `ideal_prefill_speedup`); roofline-ideal, matmuls at the measured matmul rate and "
+              "the other passes at the copy bandwidth (`ideal_compress_project_speedup`).",
+              "", "| issue | target | case | required | ideal | measured | measured / ideal | met | device | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     rows = newest.rows if newest else []
     for t in targets_mod.TARGETS:
