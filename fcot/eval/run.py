@@ -49,6 +49,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,7 +244,7 @@ class Answerer:
         self.family = get_family(model)
         self.family.check_generate(model)
         self.tokens_per_tile = self.family.tokens_per_tile(model)
-        self.format = self.family.chat(model.config, model)
+        self.format = self.family.chat_for(model.config, model, tokenizer)
         self.image_token_id = self.family.image_token_id(model, tokenizer)
         self.max_new_tokens = max_new_tokens
         unk = tokenizer.unk_token_id
@@ -257,11 +258,19 @@ class Answerer:
         self.dtype = next(model.parameters()).dtype
 
     def prompt(self, question: str, tiles: Sequence[int]) -> str:
-        """The prompt text of one question whose images have ``tiles`` tiles each."""
+        """The prompt text of one question whose images have ``tiles`` tiles each: the chat
+        format's text with its image placeholders expanded in order (``<img>`` + context tokens
+        x tokens per tile x tiles + ``</img>``, as transformers' InternVLProcessor expands them)."""
         text = self.format.prompt(question)
-        for n in tiles:
-            text = text.replace(IMAGE, self.format.image.format(context="<IMG_CONTEXT>" * (self.tokens_per_tile * n)), 1)
-        return text
+        parts = text.split(self.format.placeholder)
+        if len(parts) - 1 != len(tiles):
+            raise EvalSetError(f"the {self.format.name} prompt of {question[:60]!r} holds {len(parts) - 1} image "
+                               f"placeholders {self.format.placeholder!r} for {len(tiles)} images: the chat template "
+                               "must write one per image")
+        out = parts[0]
+        for n, part in zip(tiles, parts[1:]):
+            out += self.format.image.format(context="<IMG_CONTEXT>" * (self.tokens_per_tile * n)) + part
+        return out
 
     def encode(self, q: Question) -> tuple[list[int], torch.Tensor | None, int]:
         from PIL import Image
@@ -272,7 +281,8 @@ class Answerer:
             with Image.open(path) as im:
                 pixels.append(self.tiler(im.convert("RGB"), per_image))
         tiles = [p.shape[0] for p in pixels]
-        ids = self.tokenizer(self.prompt(q.question, tiles))["input_ids"]
+        text = self.prompt(q.question, tiles)
+        ids = self.tokenizer(text, **self.format.tokenize_kwargs(text, self.tokenizer))["input_ids"]
         found, expected = sum(1 for t in ids if t == self.image_token_id), self.tokens_per_tile * sum(tiles)
         if found != expected:
             raise EvalSetError(f"question {q.qid}: its prompt holds {found} image tokens, expected {expected} "
@@ -343,6 +353,10 @@ class ModelResult:
     answers_extracted: int = 0
     prefill_ms_p20: float = 0.0
     prefill_ms_p80: float = 0.0
+    chat_format: str = ""
+    """The prompt format: ``chat_template`` (the checkpoint's own), a remote-code template name, or ``chatml``."""
+    chat_note: str = ""
+    """Why ``chat_format`` is a fallback (e.g. the native checkpoint has no chat template), else empty."""
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -358,6 +372,8 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
     model.eval()
     ans = Answerer(model, tokenizer, tiler, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+    if ans.format.note:
+        warnings.warn(f"fcot eval {name}: {ans.format.note}", stacklevel=2)
     encoded = [ans.encode(q) for q in questions]
     device = ans.device
     if device.type == "cuda":
@@ -385,7 +401,7 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
         tokens_per_tile=ans.tokens_per_tile, visual_tokens_per_image=ans.tokens_per_tile * sum(e[2] for e in encoded) / len(encoded),
         metrics=means, prefill_ms=latency, prefill_ms_p20=p20, prefill_ms_p80=p80, peak_memory_mb=mem, memory_kind=kind,
         n_questions=len(questions), path=path,
-        family=ans.family.model_type, answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
+        family=ans.family.model_type, chat_format=ans.format.name, chat_note=ans.format.note, answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
     )
 
 

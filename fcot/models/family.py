@@ -54,12 +54,21 @@ class ChatFormat:
     system_message: str | None = None
     always_system: bool = False
     image: str = "<img>{context}</img>"
+    placeholder: str = "<image>"
+    """What stands for one image in :meth:`prompt`'s text (each becomes ``image``, in order)."""
+    note: str = ""
+    """Why this format was chosen when it is a fallback (shown in ``fcot eval``'s results), else empty."""
 
     def prompt(self, question: str, system_message: str | None = None) -> str:
-        """The text before the answer: system turn (if any), the user turn, the assistant's opening."""
+        """The text before the answer: system turn (if any), the user turn, the assistant's opening.
+        ``question`` holds one ``<image>`` per image (at the start, each on its own line)."""
         message = self.system_message if system_message is None else system_message
         head = self.system.format(content=message or "") if (message or self.always_system) else ""
         return head + self.user.format(content=question)
+
+    def tokenize_kwargs(self, text: str, tokenizer: Any) -> dict[str, Any]:
+        """Extra arguments of ``tokenizer(text)`` for a prompt built by :meth:`prompt`."""
+        return {}
 
 
 @dataclass
@@ -116,6 +125,11 @@ class ModelFamily:
 
     def chat(self, config: Any, model: nn.Module | None = None) -> ChatFormat:
         raise NotImplementedError
+
+    def chat_for(self, config: Any, model: nn.Module | None = None, tokenizer: Any = None) -> ChatFormat:
+        """The chat format of ``model`` whose prompts ``tokenizer`` tokenizes: :meth:`chat` unless
+        the family reads its format from the tokenizer (the native family's ``chat_template``)."""
+        return self.chat(config, model)
 
     def base_tokens(self, config: Any) -> int:
         """Visual tokens per tile of the uncompressed model (also for a compressed config)."""

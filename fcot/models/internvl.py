@@ -16,6 +16,7 @@ What the patch changes on the instance (all undone by ``fcot.revert_fcot``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,8 +148,81 @@ def patch_internvl(model: nn.Module, processor: Any, compressor: Compressor, pat
 CHATML = ChatFormat(
     name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
     user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", stop=("<|im_end|>",),
+    note="the checkpoint has no chat template (tokenizer/processor chat_template): ChatML used instead",
 )
-"""The native InternVL checkpoints' chat format (InternVL2.5/3 ``-hf``: Qwen2.5 / InternLM2.5 ChatML)."""
+"""The prompt used when a native checkpoint carries no chat template: ChatML, the format of the
+InternVL2.5/3 ``-hf`` checkpoints' LLMs (Qwen2.5 / InternLM2.5). ``note`` records the fallback."""
+
+IMAGE = "<image>"
+
+
+@dataclass(frozen=True)
+class TemplateChat(ChatFormat):
+    """The checkpoint's own Jinja chat template, applied as transformers' ``InternVLProcessor``
+    does: ``apply_chat_template`` on one user message whose content is one ``{"type": "image"}``
+    per image followed by ``{"type": "text", "text": question}``, with the generation prompt. The
+    template writes the processor's image token (``placeholder``, ``<IMG_CONTEXT>``) per image,
+    which the caller expands to ``<img>`` + context tokens + ``</img>`` as the processor does."""
+
+    template: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def messages(self, question: str, system_message: str | None = None) -> list[dict[str, Any]]:
+        images = question.count(IMAGE)
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question.replace(IMAGE, "").strip()}]
+        system = [{"role": "system", "content": [{"type": "text", "text": system_message}]}] if system_message else []
+        return system + [{"role": "user", "content": content}]
+
+    def prompt(self, question: str, system_message: str | None = None) -> str:
+        return self.tokenizer.apply_chat_template(self.messages(question, system_message), chat_template=self.template,
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def tokenize_kwargs(self, text: str, tokenizer: Any) -> dict[str, Any]:
+        # InternVLProcessor.apply_chat_template: no second BOS when the template writes one.
+        bos = getattr(tokenizer, "bos_token", None)
+        return {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The tokenizer's (or processor's) default chat template, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: transformers applies "default"
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def end_of_turn(tokenizer: Any, template: str) -> str | None:
+    """The special token the template closes an assistant turn with (``<|im_end|>`` for ChatML,
+    ``<|eot_id|>`` for Llama 3), found by rendering one answered turn: the first special or added
+    token after the answer; None when the template closes the turn with plain text."""
+    mark = "fcotANSWERfcot"
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": mark}]}]
+    text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    if mark not in text:
+        return None
+    rest = text[text.rindex(mark) + len(mark):].lstrip()
+    specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
+    starts = [t for t in specials if t and rest.startswith(t)]
+    return max(starts, key=len) if starts else None
+
+
+def native_chat(tokenizer: Any) -> ChatFormat:
+    """The native family's prompt for ``tokenizer`` (a tokenizer or a processor holding one): its
+    chat template when it has one (:class:`TemplateChat`), else :data:`CHATML` (whose ``note``
+    says so). Stops: the template's end-of-turn token; the caller adds the tokenizer's eos."""
+    template = chat_template_of(tokenizer)
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if template is None and tok is not tokenizer:
+        template = chat_template_of(tok)
+    if template is None:
+        return CHATML
+    if not hasattr(tok, "apply_chat_template"):
+        raise FcotError(f"{type(tok).__name__} has a chat_template but no apply_chat_template: pass a transformers tokenizer")
+    token = getattr(tokenizer, "image_token", None) or getattr(tok, "context_image_token", None) or "<IMG_CONTEXT>"
+    eot = end_of_turn(tok, template)
+    return TemplateChat(name="chat_template", system="", user="", stop=(eot,) if eot else (), placeholder=token,
+                        template=template, tokenizer=tok)
 
 
 class InternVLFamily(ModelFamily):
@@ -189,7 +263,13 @@ class InternVLFamily(ModelFamily):
         return tiler
 
     def chat(self, config: Any, model: nn.Module | None = None) -> ChatFormat:
+        """The format without a tokenizer to read a chat template from: the ChatML fallback."""
         return CHATML
+
+    def chat_for(self, config: Any, model: nn.Module | None = None, tokenizer: Any = None) -> ChatFormat:
+        """The checkpoint's chat template (``tokenizer.chat_template``) when it has one, else ChatML
+        (see :func:`native_chat`)."""
+        return CHATML if tokenizer is None else native_chat(tokenizer)
 
     def base_tokens(self, config: Any) -> int:
         section = config_get(config, "fcot")
@@ -213,6 +293,9 @@ class InternVLFamily(ModelFamily):
 
         config = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        legacy = os.path.join(path, "chat_template.json")  # a processor's template, saved by transformers < 4.52
+        if chat_template_of(tokenizer) is None and os.path.isfile(legacy):
+            tokenizer.chat_template = json.loads(open(legacy, encoding="utf-8").read()).get("chat_template")
         try:
             image_processor = transformers.AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError):
