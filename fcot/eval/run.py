@@ -401,7 +401,8 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
         tokens_per_tile=ans.tokens_per_tile, visual_tokens_per_image=ans.tokens_per_tile * sum(e[2] for e in encoded) / len(encoded),
         metrics=means, prefill_ms=latency, prefill_ms_p20=p20, prefill_ms_p80=p80, peak_memory_mb=mem, memory_kind=kind,
         n_questions=len(questions), path=path,
-        family=ans.family.model_type, chat_format=ans.format.name, chat_note=ans.format.note, answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
+        family=ans.family.model_type, chat_format=ans.format.name, chat_note=ans.format.note,
+        answers_extracted=sum(r["extracted"] for r in rows), predictions=rows,
     )
 
 
