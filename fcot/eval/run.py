@@ -5,9 +5,11 @@ question; its reference answers are the record's ``answers`` (one entry per pair
 list of strings, e.g. TextVQA's ten) when present, else the ``gpt`` text. Question ids are
 ``<record id>#<pair index>`` (the record's ``id`` or ``line<N>``). Each question is asked on
 its own with the record's image(s), in the prompt the model family's own chat code builds
-(:meth:`fcot.models.ModelFamily.chat`: for OpenGVLab's remote-code models the conversation
-template named by ``config.template``, with the model's system message), and answered
-greedily in batches (left padding).
+(:meth:`fcot.models.ModelFamily.chat_for`: for OpenGVLab's remote-code models the conversation
+template named by ``config.template``, with the model's system message; for the native family
+the checkpoint's own chat template as transformers' processor applies it, or ChatML when the
+checkpoint has none, recorded as ``chat_format`` / ``chat_note`` in ``eval.json`` and warned),
+and answered greedily in batches (left padding).
 
 Bad records never stop an evaluation: a line that is not JSON, a record without questions or
 answers, an image that is missing, empty (0 bytes), truncated / undecodable, or over the pixel
