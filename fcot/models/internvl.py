@@ -16,6 +16,7 @@ What the patch changes on the instance (all undone by ``fcot.revert_fcot``):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +205,11 @@ def end_of_turn(tokenizer: Any, template: str) -> str | None:
     rest = text[text.rindex(mark) + len(mark):].lstrip()
     specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
     starts = [t for t in specials if t and rest.startswith(t)]
-    return max(starts, key=len) if starts else None
+    if starts:
+        return max(starts, key=len)
+    # a marker such as <|im_end|> that the vocabulary holds as one plain token
+    marker = re.match(r"<[^<>\s]+>", rest)
+    return marker.group(0) if marker and marker.group(0) in tokenizer.get_vocab() else None
 
 
 def native_chat(tokenizer: Any) -> ChatFormat:

@@ -295,3 +295,36 @@ def test_compressor_trains_through_the_patched_model():
     assert all(bool(g.abs().sum() > 0) and bool(torch.isfinite(g).all()) for g in grads[False])
     for got, want in zip(grads[True], grads[False]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_format_is_the_checkpoints_chat_template(tiny):
+    """The native family's prompt comes from the processor's / tokenizer's chat_template; its
+    image tokens, expanded as the family does, give the processor's own ids; ChatML only without one."""
+    from fcot.models import get_family
+    from fcot.models.internvl import CHATML, TemplateChat
+
+    cfg, model, processor = tiny
+    family = get_family(model)
+    assert family.chat_for(cfg, model, None) is CHATML and family.chat_for(cfg, model, tiny_tokenizer()) is CHATML
+    assert CHATML.note  # the fallback says why
+    processor = tiny_processor(cfg)
+    processor.chat_template = CHATML_TEMPLATE
+    fmt = family.chat_for(cfg, model, processor)
+    assert isinstance(fmt, TemplateChat) and fmt.stop == ("<|im_end|>",) and fmt.placeholder == "<IMG_CONTEXT>"
+    text = fmt.prompt("<image>\nw1 w2")
+    assert text == "<|im_start|>user\n<IMG_CONTEXT>\nw1 w2<|im_end|>\n<|im_start|>assistant\n"
+    image = random_images([(128, 64)])[0]
+    ref = processor(text=[text], images=[[image]], return_tensors="pt")
+    tiles = ref["pixel_values"].shape[0]
+    expanded = text.replace(fmt.placeholder, fmt.image.format(context="<IMG_CONTEXT>" * (cfg.image_seq_length * tiles)))
+    tok = processor.tokenizer
+    assert tok(expanded, **fmt.tokenize_kwargs(expanded, tok))["input_ids"] == ref["input_ids"][0].tolist()
+    # a template with a system turn: the system message goes in as its own message
+    assert fmt.prompt("w1", "w3").startswith("<|im_start|>system\nw3<|im_end|>\n<|im_start|>user\nw1")
