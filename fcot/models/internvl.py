@@ -195,11 +195,17 @@ def chat_template_of(tokenizer: Any) -> str | None:
 def end_of_turn(tokenizer: Any, template: str) -> str | None:
     """The special token the template closes an assistant turn with (``<|im_end|>`` for ChatML,
     ``<|eot_id|>`` for Llama 3), found by rendering one answered turn: the first special or added
-    token after the answer; None when the template closes the turn with plain text."""
+    token after the answer; None when the template closes the turn with plain text or cannot
+    render an answered turn."""
+    from jinja2 import TemplateError
+
     mark = "fcotANSWERfcot"
     conversation = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                     {"role": "assistant", "content": [{"type": "text", "text": mark}]}]
-    text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    except TemplateError:
+        return None
     if mark not in text:
         return None
     rest = text[text.rindex(mark) + len(mark):].lstrip()
@@ -226,8 +232,10 @@ def native_chat(tokenizer: Any) -> ChatFormat:
         raise FcotError(f"{type(tok).__name__} has a chat_template but no apply_chat_template: pass a transformers tokenizer")
     token = getattr(tokenizer, "image_token", None) or getattr(tok, "context_image_token", None) or "<IMG_CONTEXT>"
     eot = end_of_turn(tok, template)
+    note = "" if eot else ("the chat template's end-of-turn token was not found (no special token follows an "
+                           "answered assistant turn): answers stop at the tokenizer's eos only")
     return TemplateChat(name="chat_template", system="", user="", stop=(eot,) if eot else (), placeholder=token,
-                        template=template, tokenizer=tok)
+                        note=note, template=template, tokenizer=tok)
 
 
 class InternVLFamily(ModelFamily):

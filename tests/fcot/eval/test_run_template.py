@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import fcot
 from fcot import demo
 from fcot.data.tiling import internvl_image_processor
 from fcot.eval.run import Answerer, EvalSetError, evaluate, load_eval_set, load_model
@@ -68,9 +69,9 @@ def setup(tmp_path_factory):
     return root, jsonl
 
 
-def _processor(tokenizer):
+def _processor(tokenizer, image_seq_length=16):
     return _processor_class()(image_processor=internvl_image_processor(64, max_tiles=1), tokenizer=tokenizer,
-                              image_seq_length=16, chat_template=tokenizer.chat_template)
+                              image_seq_length=image_seq_length, chat_template=tokenizer.chat_template)
 
 
 def _processor_inputs(processor, q):
@@ -110,11 +111,20 @@ def test_prompt_ids_and_answers_follow_the_checkpoints_chat_template(setup, tmp_
         new = out[0, ref["input_ids"].shape[1]:].tolist()
         cut = next((i for i, t in enumerate(new) if t in ans.stop), len(new))
         expected.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
-    results = evaluate([str(root / "templated")], jsonl, out=tmp_path, batch_size=2, max_new_tokens=4, max_tiles=1,
-                       progress=False, latency_samples=1)
+    results = evaluate([str(root / "templated")], jsonl, out=tmp_path, batch_size=1, max_new_tokens=4, max_tiles=1,
+                       progress=False, latency_samples=1, compressors=["avg"], ratios=[0.5])
     assert [r["raw"] for r in results[0].predictions] == expected
     data = json.loads((tmp_path / "eval.json").read_text())
-    assert data["models"][0]["chat_format"] == "chat_template" and data["models"][0]["chat_note"] == ""
+    assert [(m["chat_format"], m["chat_note"], m["tokens_per_tile"]) for m in data["models"]] == \
+        [("chat_template", "", 16), ("chat_template", "", 8)]
+    # the training-free compressed model: the same template, with the compressed count of image tokens
+    patched = fcot.apply_fcot(model, tokenizer, compressor="avg", ratio=0.5)
+    try:
+        ids, _, _ = Answerer(patched, tokenizer, tiler, max_tiles=1).encode(questions[0])
+    finally:
+        fcot.revert_fcot(model)
+    ref = _processor_inputs(_processor(tokenizer, image_seq_length=8), questions[0])["input_ids"][0].tolist()
+    assert ids == ref
 
 
 def test_without_a_template_chatml_is_used_and_recorded(setup, tmp_path):
@@ -154,7 +164,11 @@ def test_template_helpers():
     chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{{ c.get('text', '') }}"
               "{% endfor %}<|im_end|>\n{% endfor %}")
     assert end_of_turn(tok, chatml) == "<|im_end|>"
-    assert end_of_turn(tok, "{% for m in messages %}{{ m['role'] }} {{ m['content'][0]['text'] }} . {% endfor %}") is None
+    plain_end = "{% for m in messages %}{{ m['role'] }} {{ m['content'][0]['text'] }} . {% endfor %}"
+    assert end_of_turn(tok, plain_end) is None
+    assert end_of_turn(tok, "{% if messages[-1]['role'] == 'assistant' %}{{ raise_exception('no') }}{% endif %}x") is None
+    chat = native_chat(_tokenizer(plain_end))  # stops at eos only, and says so
+    assert chat.stop == () and "end-of-turn token was not found" in chat.note
     assert native_chat(_tokenizer(None)) is CHATML
     assert native_chat(_tokenizer("   ")) is CHATML
     named = _tokenizer(None)
