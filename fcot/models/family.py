@@ -14,6 +14,8 @@ What a family provides:
   directly (ViT, projector owner + attribute, decoder, LM head, feature layer, image token);
 - ``tiler(config, image_processor, tile_size)``: images -> tiles as the family's processor does;
 - ``chat(config, model)``: the prompt the family's own chat code builds (:class:`ChatFormat`);
+  ``chat_for(config, model, tokenizer)`` when the format lives with the tokenizer (the native
+  family: the checkpoint's ``chat_template``, ChatML as a recorded fallback);
 - ``load(path, ...)``: model, tokenizer and image processor from a folder (compressed or not);
 - ``base_tokens(config)`` / ``tokens_per_tile(model)``: visual tokens per tile, uncompressed
   and as the (possibly patched) instance takes them;

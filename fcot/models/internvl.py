@@ -306,7 +306,7 @@ class InternVLFamily(ModelFamily):
 
         config = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        legacy = os.path.join(path, "chat_template.json")  # a processor's template, saved by transformers < 4.52
+        legacy = os.path.join(path, "chat_template.json")  # a processor's template in the older file format
         if chat_template_of(tokenizer) is None and os.path.isfile(legacy):
             tokenizer.chat_template = json.loads(open(legacy, encoding="utf-8").read()).get("chat_template")
         try:

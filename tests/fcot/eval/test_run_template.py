@@ -146,7 +146,7 @@ def test_without_a_template_chatml_is_used_and_recorded(setup, tmp_path):
 
 
 def test_legacy_processor_template_file_is_read(setup, tmp_path):
-    """A processor saved by transformers < 4.52 keeps its template in chat_template.json, which the
+    """A processor saved in the older format keeps its template in chat_template.json, which the
     tokenizer does not read: the native loader takes it from there."""
     import shutil
 
