@@ -375,7 +375,8 @@ def evaluate_model(model, tokenizer, tiler, questions: Sequence[Question], *, na
     model.eval()
     ans = Answerer(model, tokenizer, tiler, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
     if ans.format.note:
-        warnings.warn(f"fcot eval {name}: {ans.format.note}", stacklevel=2)
+        # named by folder, so a folder's training-free variants repeat nothing (one warning per message)
+        warnings.warn(f"fcot eval {path or name}: {ans.format.note}", stacklevel=2)
     encoded = [ans.encode(q) for q in questions]
     device = ans.device
     if device.type == "cuda":
