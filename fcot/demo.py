@@ -45,9 +45,20 @@ CELL = 16
 PATCH = 8         # ViT patch: 8x8 patches per tile, 4x4 = 16 visual tokens after the pixel shuffle
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+"""The demo model's chat template: ChatML with InternVL's image placeholder, as the native ``-hf``
+checkpoints carry one, so ``fcot eval`` prompts the demo's models through their own template."""
+
+
 def build_tokenizer():
     """A word-level tokenizer over :data:`VOCAB` (whitespace split, ``<...>`` tokens split out)
-    with InternVL's image tokens, as a transformers ``PreTrainedTokenizerFast``."""
+    with InternVL's image tokens and :data:`CHAT_TEMPLATE`, as a transformers
+    ``PreTrainedTokenizerFast``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +68,7 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         padding_side="left", additional_special_tokens=SPECIALS[4:],
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"], chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -92,3 +92,20 @@ def test_prefill_flops_match_torch_flop_counter():
     assert counter.get_total_flops() == want
     # attention by hand: 2 products x 2 FLOPs x (tokens x keys x width) per layer
     assert flops["attention"] == 2 * 2 * 2 * 65 * 65 * 128 * tiles + 3 * 2 * 2 * 39 * 39 * 128
+
+
+def test_demo_chat_template_prompts_as_its_chatml_training_format():
+    # The demo trains on ChatML records; its tokenizer's template must give fcot eval the same ids.
+    from fcot.demo import build_tokenizer
+    from fcot.models.internvl import CHATML, native_chat
+
+    tok = build_tokenizer()
+    fmt = native_chat(tok)
+    assert fmt.name == "chat_template" and "<|im_end|>" in fmt.stop
+
+    def expand(f, n=16):
+        before, after = f.prompt("<image>\nwhat is the number").split(f.placeholder)
+        return before + f.image.format(context="<IMG_CONTEXT>" * n) + after
+
+    ours, chatml = expand(fmt), expand(CHATML)
+    assert tok(ours, **fmt.tokenize_kwargs(ours, tok))["input_ids"] == tok(chatml)["input_ids"]
