@@ -82,6 +82,15 @@ class NoUsableRecordsError(ValueError):
     """Raised when a data set holds no record that can be trained on."""
 
 
+def count_skip(skipped: Counter, examples: dict[str, list[str]], reason: str, example: str, keep: int = 3) -> None:
+    """Count one record skipped for ``reason``, keeping its first ``keep`` examples (the training
+    set's :class:`SkipSummary` and fcot eval's skip counts share it)."""
+    skipped[reason] += 1
+    shown = examples.setdefault(reason, [])
+    if len(shown) < keep:
+        shown.append(example)
+
+
 @dataclass
 class SkipSummary:
     """Which records were left out, and why: counts by reason and a few examples of each."""
@@ -301,10 +310,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise BadRecord("invalid_json", f"{where}: {e}") from None
 
     def _count(self, reason: str, example: str) -> None:
-        self._summary.skipped[reason] += 1
-        ex = self._summary.examples.setdefault(reason, [])
-        if len(ex) < 3:
-            ex.append(example)
+        count_skip(self._summary.skipped, self._summary.examples, reason, example)
 
     def _per_image_max(self, n_images: int) -> int:
         return max(1, self.max_tiles // max(1, n_images))
@@ -386,9 +392,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         s = SkipSummary(self._summary.source, self._summary.lines, self._summary.usable - len(runtime),
                         Counter(self._summary.skipped), {k: list(v) for k, v in self._summary.examples.items()})
         for detail, reason in runtime.items():
-            s.skipped[reason] += 1
-            if len(s.examples.setdefault(reason, [])) < 3:
-                s.examples[reason].append(detail)
+            count_skip(s.skipped, s.examples, reason, detail)
         return s
 
 

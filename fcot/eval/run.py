@@ -59,6 +59,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from fcot.data.records import count_skip
 from fcot.eval.answer import DEFAULT_ANSWER_PATTERN, compile_answer_pattern, extract_answer
 from fcot.eval.metrics import METRICS, check_metric_options, score
 
@@ -88,10 +89,7 @@ class EvalSkips:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, reason: str, where: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < 5:
-            shown.append(f"{where}: {detail}")
+        count_skip(self.skipped, self.examples, reason, f"{where}: {detail}", keep=5)
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "records": self.records, "questions": self.questions,
